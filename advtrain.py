@@ -1,0 +1,1316 @@
+"""advtrain: adversarial fine-tuning of transformer text classifiers, in one file.
+
+Upload it to Kaggle as a utility script and `import advtrain`, run it from the command line
+(`python advtrain.py train --method awp`), or copy a single attack class into your own notebook:
+each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch.
+
+The file reads top to bottom in the order data flows:
+config -> data -> model -> attacks -> training loop -> prediction/submission -> demo -> CLI.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import transformers
+from tqdm.auto import tqdm
+
+__version__ = "0.1.0"
+log = logging.getLogger("advtrain")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+METHODS = ("baseline", "fgm", "pgd", "freelb", "awp", "sift")
+
+
+def _opt(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    """Every setting of a run. Each field is a CLI flag of the same name (`batch_size` -> `--batch-size`).
+
+    Defaults are sound values for fine-tuning deberta-v3-xsmall on short texts (lr 3e-5, batch 32,
+    warmup 10%, cosine decay, clipping at 1.0), not the article's lr 2e-6: `--preset article`
+    reproduces the article's protocol instead.
+    """
+
+    # run
+    method: str = _opt("baseline", "adversarial method", METHODS)
+    preset: str = _opt("", "start from a named set of settings; explicit flags still win", ("", "article"))
+    model: str = _opt("microsoft/deberta-v3-xsmall", "hub name or local folder of a Hugging Face encoder")
+    data_dir: str = _opt("", "folder with train.csv/test.csv; empty: the Kaggle mount, else ./data")
+    output_dir: str = _opt("submissions/run", "where submission.csv, metrics.json, train.log and the model go")
+    overwrite: bool = _opt(False, "allow writing into a non-empty output_dir")
+    seed: int = _opt(42, "seed of the data split, the shuffling and the initialisation")
+    device: str = _opt("auto", "auto (cuda if present), cuda, cuda:1, cpu")
+    # data
+    use_keyword: bool = _opt(False, "prepend the keyword column to the text ('keyword: text')")
+    max_len: int = _opt(0, "token limit; 0 = the longest training text, capped by the model")
+    split: str = _opt("holdout", "holdout: the article's protocol; kfold: stratified folds with OOF", ("holdout", "kfold"))
+    holdout_size: int = _opt(1500, "holdout rows (first rows after the seeded shuffle)")
+    valid_size: int = _opt(1500, "validation rows (the next rows after the holdout)")
+    n_folds: int = _opt(5, "folds for split=kfold")
+    group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
+    pad_to_max: bool = _opt(False, "pad every batch to max_len, as the article did (slow; for comparison)")
+    # model
+    pooling: str = _opt("cls", "sentence vector: first token or masked mean", ("cls", "mean"))
+    dropout: float = _opt(0.1, "dropout before the classification head")
+    # optimisation
+    epochs: int = _opt(3, "training epochs")
+    batch_size: int = _opt(32, "micro-batch size")
+    eval_batch_size: int = _opt(128, "batch size for validation and prediction")
+    grad_accum: int = _opt(1, "micro-batches per optimizer step")
+    lr: float = _opt(3e-5, "peak learning rate (AdamW)")
+    weight_decay: float = _opt(0.01, "AdamW weight decay, not applied to biases and LayerNorm weights")
+    warmup: float = _opt(0.1, "fraction of the optimizer steps spent warming up linearly")
+    scheduler: str = _opt("cosine", "learning-rate decay after warmup", ("cosine", "linear", "constant"))
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    amp: str = _opt("auto", "mixed precision: auto = bf16 on compute capability >= 8, fp16 below, off on CPU",
+                    ("auto", "bf16", "fp16", "off"))
+    fused_adamw: bool = _opt(True, "use the fused AdamW kernel on CUDA")
+    compile: bool = _opt(False, "torch.compile the model (falls back to eager if compilation fails)")
+    select_metric: str = _opt("f1", "validation metric that picks the best epoch", ("f1", "accuracy"))
+    num_workers: int = _opt(0, "DataLoader worker processes")
+    progress: bool = _opt(True, "show tqdm progress bars")
+    save_model: bool = _opt(True, "save the best weights to output_dir/model.pt")
+    # adversarial training: when it starts
+    adv_start: float = _opt(1.0, "epoch (fractional) from which the attack runs; the article's most important knob")
+    adv_threshold: float = _opt(0.0, "also wait until the best validation metric reaches this (0 = off)")
+    # adversarial training: each method's settings
+    fgm_eps: float = _opt(1.0, "FGM: L2 size of the embedding perturbation")
+    fgm_scope: str = _opt("example", "FGM: normalise per example (paper) or over the embedding matrix (Kaggle)",
+                          ("example", "vocab"))
+    pgd_eps: float = _opt(1.0, "PGD: radius of the L2 ball per example")
+    pgd_alpha: float = _opt(0.3, "PGD: ascent step size")
+    pgd_steps: int = _opt(3, "PGD: ascent steps (K)")
+    freelb_steps: int = _opt(3, "FreeLB: ascent steps (K)")
+    freelb_lr: float = _opt(0.1, "FreeLB: ascent step size")
+    freelb_init: float = _opt(0.1, "FreeLB: initial perturbation magnitude")
+    freelb_max_norm: float = _opt(0.0, "FreeLB: L2 bound per example, 0 = unbounded")
+    awp_lr: float = _opt(1.0, "AWP: step size, relative to each weight's norm")
+    awp_eps: float = _opt(0.01, "AWP: each weight stays within +-eps*|w|")
+    awp_params: str = _opt("weight", "AWP: perturb the parameters whose name contains this")
+    sift_lambda: float = _opt(3.0, "SiFT: weight of the consistency loss (DeBERTa uses 3 for xsmall)")
+    sift_init: float = _opt(1e-2, "SiFT: std of the initial perturbation")
+    sift_lr: float = _opt(1e-4, "SiFT: ascent step size")
+    sift_module: str = _opt("", "SiFT: name of the module to perturb in front of (default: embeddings.LayerNorm)")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(repr, choices))}.")
+        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "pgd_steps", "freelb_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.split == "kfold" and self.n_folds < 2:
+            raise UserError(f"n_folds must be at least 2 for split=kfold, got {self.n_folds}.")
+        if not 0 <= self.warmup < 1:
+            raise UserError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}.")
+
+
+PRESETS = {
+    # The 2022 Advent Calendar article: batch 8, lr 2e-6, 5 epochs, fp32, every text padded to the
+    # longest one, no clipping (declared, never applied), best epoch by accuracy, attack from step 0.
+    "article": dict(
+        epochs=5, batch_size=8, lr=2e-6, weight_decay=0.01, warmup=0.0, scheduler="cosine",
+        max_grad_norm=0.0, amp="off", fused_adamw=False, pad_to_max=True, group_by_length=False,
+        dropout=0.0, select_metric="accuracy", adv_start=0.0,
+        fgm_eps=0.1, fgm_scope="vocab", awp_lr=1e-4, awp_eps=1e-4, awp_params="weight",
+    ),
+}
+
+
+class UserError(ValueError):
+    """A problem the user can fix (a file, a column, a setting); the CLI prints it and exits with 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: find, validate, split, tokenize, batch
+# ---------------------------------------------------------------------------------------------
+
+KAGGLE_MOUNTS = ("/kaggle/input/competitions/nlp-getting-started", "/kaggle/input/nlp-getting-started")
+
+
+def find_data_dir(data_dir: str = "") -> Path:
+    """An explicit folder wins; else the Kaggle competition mount; else any train.csv under
+    /kaggle/input; else ./data."""
+    if data_dir:
+        path = Path(data_dir)
+        if not (path / "train.csv").is_file():
+            raise UserError(f"{path / 'train.csv'} not found: point --data-dir at the folder holding the "
+                            "competition's train.csv and test.csv (`make data` downloads them).")
+        return path
+    for mount in KAGGLE_MOUNTS:
+        if Path(mount, "train.csv").is_file():
+            return Path(mount)
+    if Path("/kaggle/input").is_dir():
+        found = sorted(Path("/kaggle/input").rglob("train.csv"))
+        if found:
+            return found[0].parent
+    if Path("data/train.csv").is_file():
+        return Path("data")
+    raise UserError("No train.csv found in ./data or under /kaggle/input: run `make data` "
+                    "(or attach the competition to the notebook), or pass --data-dir.")
+
+
+def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+    """Read a competition CSV and check what every later step relies on; one clear sentence per problem."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: the competition folder needs train.csv and test.csv.")
+    try:
+        df = pd.read_csv(path, encoding="utf-8", dtype={"text": str, "keyword": str, "location": str})
+    except pd.errors.EmptyDataError:
+        raise UserError(f"{path} is empty: download it again with `make data`.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
+                        "re-save it as UTF-8.") from None
+    except pd.errors.ParserError as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).strip()}).") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: expected {', '.join(required)} "
+                        f"(found {', '.join(map(str, df.columns))}).")
+    if df.empty:
+        raise UserError(f"{path} has a header but no rows.")
+    if df["id"].isna().any():
+        raise UserError(f"{path} has {int(df['id'].isna().sum())} row(s) without an id.")
+    dup = df["id"][df["id"].duplicated()]
+    if len(dup):
+        raise UserError(f"{path} has {len(dup)} duplicate id(s), e.g. {dup.iloc[0]!r}: ids must be unique.")
+    if "target" in required:
+        target = pd.to_numeric(df["target"], errors="coerce")
+        bad = ~target.isin([0, 1])
+        if bad.any():
+            rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:3])
+            raise UserError(f"{path}: target must be 0 or 1, but {int(bad.sum())} row(s) are not "
+                            f"(line {rows}, value {df['target'][bad].iloc[0]!r}).")
+        df["target"] = target.astype(int)
+    return df
+
+
+def load_competition(data_dir: Path, use_keyword: bool = False):
+    """train, test and the submission id order (sample_submission's if present, else test's)."""
+    train = read_csv(data_dir / "train.csv", ("id", "text", "target"))
+    test = read_csv(data_dir / "test.csv", ("id", "text"))
+    order = test["id"]
+    sample_path = data_dir / "sample_submission.csv"
+    if sample_path.is_file():
+        sample = read_csv(sample_path, ("id",))
+        if set(sample["id"]) != set(test["id"]):
+            raise UserError(f"{sample_path} and {data_dir / 'test.csv'} list different ids: "
+                            "download both again with `make data`.")
+        order = sample["id"]
+    for name, df in (("train.csv", train), ("test.csv", test)):
+        n_nan = int(df["text"].isna().sum())
+        if n_nan:
+            log.info(f"{name}: {n_nan} empty text(s) read as ''")
+        df["text"] = df["text"].fillna("")
+        if use_keyword and "keyword" in df.columns:
+            kw = df["keyword"].fillna("").str.replace("%20", " ")
+            df["text"] = np.where(kw != "", kw + ": " + df["text"], df["text"])
+    return train, test, order.to_numpy()
+
+
+def holdout_split(n: int, seed: int, holdout_size: int = 1500, valid_size: int = 1500):
+    """The article's protocol: shuffle the rows with the seed (pandas' `sample(frac=1, random_state=seed)`);
+    rows 0..holdout_size-1 are the holdout, the next valid_size rows validation, the rest training."""
+    if holdout_size + valid_size >= n:
+        raise UserError(f"holdout_size + valid_size = {holdout_size + valid_size} leaves no training rows "
+                        f"out of {n}.")
+    order = pd.RangeIndex(n).to_series().sample(frac=1, random_state=seed).to_numpy()
+    holdout, valid, train = np.split(order, [holdout_size, holdout_size + valid_size])
+    return train, valid, holdout
+
+
+def kfold_splits(targets: np.ndarray, n_folds: int, seed: int):
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(targets)), targets))
+
+
+def model_max_len(tokenizer, model_config) -> int:
+    """The longest input the model takes: the tokenizer's limit and the position table's, when set."""
+    limits = [tokenizer.model_max_length, getattr(model_config, "max_position_embeddings", None)]
+    limits = [x for x in limits if isinstance(x, int) and 0 < x < 100_000]
+    return min(limits) if limits else 512
+
+
+def tokenize(tokenizer, texts, max_len: int) -> list[list[int]]:
+    """Token ids of every text, once, unpadded; texts over max_len are truncated by the tokenizer
+    (so the special tokens stay)."""
+    ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+    long = [i for i, x in enumerate(ids) if len(x) > max_len]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_len)["input_ids"]
+        for i, x in zip(long, cut):
+            ids[i] = x
+    return ids
+
+
+class LengthGroupedBatches(torch.utils.data.Sampler):
+    """Batches of indices. Shuffled, then (group_by_length) sorted by length inside windows of 50
+    batches so that each batch needs little padding, and the batches shuffled again."""
+
+    def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0, group_by_length: bool = True):
+        self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
+        self.seed, self.group_by_length, self.epoch = seed, group_by_length, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return math.ceil(len(self.lengths) / self.batch_size)
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed + self.epoch)
+        order = rng.permutation(len(self.lengths)) if self.shuffle else np.arange(len(self.lengths))
+        if self.group_by_length:
+            window = 50 * self.batch_size
+            order = np.concatenate([w[np.argsort(-self.lengths[w], kind="stable")]
+                                    for w in np.split(order, range(window, len(order), window))])
+        batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
+        if self.shuffle and self.group_by_length:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return iter([b.tolist() for b in batches])
+
+
+class Collator:
+    """Pads a list of (ids, label) to the longest item of the batch (or to pad_to)."""
+
+    def __init__(self, pad_id: int, pad_to: int | None = None):
+        self.pad_id, self.pad_to = pad_id, pad_to
+
+    def __call__(self, items):
+        width = self.pad_to or max(len(ids) for ids, _ in items)
+        input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, (ids, _) in enumerate(items):
+            input_ids[row, : len(ids)] = torch.tensor(ids)
+            mask[row, : len(ids)] = 1
+        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": mask}, labels
+
+
+def make_loader(ids, labels, batch_size, shuffle, collator, seed=0, group_by_length=True, num_workers=0, pin=False):
+    labels = labels if labels is not None else [-1] * len(ids)
+    dataset = list(zip(ids, labels))
+    sampler = LengthGroupedBatches([len(x) for x in ids], batch_size, shuffle, seed, group_by_length)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
+                                       num_workers=num_workers, pin_memory=pin)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """A Hugging Face encoder (DeBERTa-v2/v3, BERT, RoBERTa, ELECTRA, ...) + pooling + dropout + linear head.
+    Returns logits of shape (batch, num_labels)."""
+
+    def __init__(self, backbone: nn.Module, num_labels: int = 2, pooling: str = "cls", dropout: float = 0.1):
+        super().__init__()
+        self.backbone, self.pooling = backbone, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(backbone.config.hidden_size, num_labels)
+        std = getattr(backbone.config, "initializer_range", 0.02)
+        nn.init.normal_(self.head.weight, std=std)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir: str, **kwargs) -> "Classifier":
+        try:
+            backbone = transformers.AutoModel.from_pretrained(name_or_dir)
+        except (OSError, ValueError) as e:
+            raise UserError(f"Could not load model {name_or_dir!r} ({str(e).splitlines()[0]}): pass --model a "
+                            "local folder with config.json and weights, or enable internet for the hub.") from None
+        return cls(backbone, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if self.pooling == "mean":
+            m = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+        else:
+            pooled = hidden[:, 0]
+        return self.head(self.dropout(pooled))
+
+
+def load_tokenizer(name_or_dir: str):
+    try:
+        return transformers.AutoTokenizer.from_pretrained(name_or_dir)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load the tokenizer of {name_or_dir!r} ({str(e).splitlines()[0]}).") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks
+#
+# One interface for every method: replace `loss.backward()` with
+#
+#     loss = attack.backward(forward, loss_fn, scaler=scaler, accumulation_steps=accum)
+#
+# where `forward()` runs the model on the current batch (inside autocast if you use AMP) and
+# `loss_fn(output)` turns its output into the task loss. The attack runs the clean forward and
+# backward itself, then its adversarial passes, so that it sees this micro-batch's gradient and
+# nothing accumulated before it; gradients of all passes add up in `.grad`. Clip and step the
+# optimizer afterwards as usual; the attack never touches the optimizer. It returns the clean loss
+# (detached). Each class below needs only torch, so it can be copied into a notebook on its own.
+# A step whose gradient is not finite (an fp16 overflow) gets no perturbation and is counted in
+# `attack.skipped` (a tensor, so that counting costs no host-device synchronisation).
+# ---------------------------------------------------------------------------------------------
+
+
+class Baseline:
+    """No attack: the clean forward and backward, through the same call as the attacks."""
+
+    def __init__(self, model=None):
+        self.skipped = torch.zeros((), dtype=torch.long)
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        loss = loss_fn(forward())
+        scaled = loss / accumulation_steps
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        return loss.detach()
+
+
+class FGM:
+    """Fast Gradient Method on the input embeddings (Miyato et al. 2017, arXiv:1605.07725).
+
+    After the clean backward, the word-embedding output of the batch is shifted by
+    r = eps * g / ||g|| (g: its gradient in this micro-batch) and the batch is run forward and
+    backward once more. The weights are never modified, so there is nothing to restore and no
+    128k x 384 matrix to copy. scope="example" normalises each example's gradient, as in the paper;
+    scope="vocab" normalises the gradient of the embedding matrix, so every occurrence of a token
+    moves alike: the FGM of Kaggle notebooks and of the 2022 article (eps 0.1 there).
+
+        attack = FGM(model, eps=1.0)
+        loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model, eps: float = 1.0, scope: str = "example"):
+        if scope not in ("example", "vocab"):
+            raise ValueError(f"FGM scope must be 'example' or 'vocab', got {scope!r}")
+        self.embedding = getattr(model, "module", model).get_input_embeddings()
+        self.eps, self.scope = eps, scope
+        self.skipped = torch.zeros((), dtype=torch.long)
+        self._delta = self._ids = None
+
+    def _hook(self, module, inputs, output):
+        if self._delta is None:  # clean pass: a zero perturbation whose .grad is this batch's gradient
+            self._ids, self._delta = inputs[0], torch.zeros_like(output, requires_grad=True)
+        return output + self._delta.to(output.dtype)
+
+    def perturbation(self, grad: torch.Tensor) -> torch.Tensor:
+        """r = eps * g / ||g||, or zeros when g is not finite."""
+        g = grad.float()
+        if self.scope == "vocab":
+            ids = self._ids.reshape(-1)
+            per_token = g.new_zeros(self.embedding.weight.shape[0], g.shape[-1]).index_add_(0, ids, g.flatten(0, -2))
+            norm = per_token.norm()
+            g = per_token[ids].view_as(g)
+        else:
+            norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
+        ok = torch.isfinite(norm).all()
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        r = self.eps * g / norm.clamp_min(1e-12)
+        return torch.where(ok, r, torch.zeros_like(r))
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        def scaled(x):
+            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
+
+        handle = self.embedding.register_forward_hook(self._hook)
+        try:
+            loss = loss_fn(forward())
+            scaled(loss).backward()
+            self._delta = self.perturbation(self._delta.grad)
+            scaled(loss_fn(forward())).backward()
+        finally:
+            handle.remove()
+            self._delta = self._ids = None
+        return loss.detach()
+
+
+class PGD:
+    """Projected Gradient Descent on the input embeddings (Madry et al. 2018; the NLP variant of
+    Zhu et al. 2020). K ascent steps of size alpha, each projected back into the L2 ball of radius
+    eps around the clean embeddings (per example). The first K-1 adversarial passes only compute
+    the gradient of the perturbation (torch.autograd.grad), so the parameters' gradients are the
+    clean one plus the last adversarial one, with no gradient backup to get wrong. Defaults eps 1,
+    alpha 0.3, K 3 are the common Kaggle ones.
+
+        attack = PGD(model, eps=1.0, alpha=0.3, steps=3)
+        loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model, eps: float = 1.0, alpha: float = 0.3, steps: int = 3):
+        self.embedding = getattr(model, "module", model).get_input_embeddings()
+        self.eps, self.alpha, self.steps = eps, alpha, steps
+        self.skipped = torch.zeros((), dtype=torch.long)
+        self._delta = None
+
+    def _hook(self, module, inputs, output):
+        if self._delta is None:
+            self._delta = torch.zeros_like(output, requires_grad=True)
+        return output + self._delta.to(output.dtype)
+
+    @staticmethod
+    def _norm(x):
+        return x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        def scaled(x):
+            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
+
+        handle = self.embedding.register_forward_hook(self._hook)
+        try:
+            loss = loss_fn(forward())
+            scaled(loss).backward()
+            grad, delta, ok = self._delta.grad, self._delta.detach(), torch.ones((), dtype=torch.bool)
+            for step in range(self.steps):
+                norm = self._norm(grad.float())
+                ok = ok.to(norm.device) & torch.isfinite(norm).all()
+                delta = delta + self.alpha * grad.float() / norm.clamp_min(1e-12)
+                delta = delta * (self.eps / self._norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+                delta = torch.where(ok, delta, torch.zeros_like(delta))
+                last = step == self.steps - 1
+                self._delta = delta.detach().requires_grad_(not last)
+                adv_loss = loss_fn(forward())
+                if last:
+                    scaled(adv_loss).backward()
+                else:
+                    grad, = torch.autograd.grad(scaled(adv_loss), self._delta)
+            self.skipped = self.skipped.to(ok.device) + (~ok)
+        finally:
+            handle.remove()
+            self._delta = None
+        return loss.detach()
+
+
+class FreeLB:
+    """FreeLB (Zhu et al. 2020, arXiv:1909.11764): K ascent steps on a perturbation of the input
+    embeddings, each backward adding loss/K to the parameters' gradients ("free" adversarial
+    training), on top of the clean loss (without it FreeLB can fall below the baseline). The
+    perturbation starts uniform, masked to real tokens and scaled by init_mag / sqrt(len * hidden);
+    each step moves it by lr * g / ||g|| per example and, if max_norm > 0, projects it back into
+    that L2 ball.
+
+        attack = FreeLB(model, steps=3, lr=0.1, init_mag=0.1)
+        loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model, steps: int = 3, lr: float = 0.1, init_mag: float = 0.1, max_norm: float = 0.0,
+                 pad_token_id: int | None = None):
+        inner = getattr(model, "module", model)
+        self.embedding = inner.get_input_embeddings()
+        if pad_token_id is None:
+            config = getattr(inner, "config", None) or getattr(getattr(inner, "backbone", None), "config", None)
+            pad_token_id = getattr(config, "pad_token_id", None)
+        self.pad_token_id = pad_token_id
+        self.steps, self.lr, self.init_mag, self.max_norm = steps, lr, init_mag, max_norm
+        self.skipped = torch.zeros((), dtype=torch.long)
+        self._delta = self._mask = None
+
+    def _hook(self, module, inputs, output):
+        if self._delta is None:  # clean pass: remember which positions are real tokens
+            ids = inputs[0]
+            keep = ids != self.pad_token_id if self.pad_token_id is not None else torch.ones_like(ids, dtype=torch.bool)
+            self._mask = keep.unsqueeze(-1).to(torch.float32)
+            return output
+        return output + self._delta.to(output.dtype)
+
+    def _project(self, delta):
+        if self.max_norm <= 0:
+            return delta
+        norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.dim() - 1))
+        return delta * (self.max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        def scaled(x):
+            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
+
+        handle = self.embedding.register_forward_hook(self._hook)
+        try:
+            out = forward()
+            loss = loss_fn(out)
+            scaled(loss).backward()
+            mask = self._mask
+            lengths = mask.flatten(1).sum(1).view(-1, *[1] * (mask.dim() - 1))
+            hidden = self.embedding.weight.shape[-1]
+            delta = (torch.rand(*mask.shape[:-1], hidden, device=mask.device) * 2 - 1) * mask
+            delta = self._project(delta * self.init_mag / (lengths * hidden).sqrt())
+            ok = torch.ones((), dtype=torch.bool, device=delta.device)
+            for step in range(self.steps):
+                self._delta = delta.requires_grad_()
+                scaled(loss_fn(forward()) / self.steps).backward()
+                if step < self.steps - 1:
+                    grad = self._delta.grad.float()
+                    norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.dim() - 1))
+                    ok = ok & torch.isfinite(norm).all()
+                    moved = self._project(delta.detach() + self.lr * grad / norm.clamp_min(1e-12))
+                    delta = torch.where(ok, moved, delta.detach())
+            self.skipped = self.skipped.to(ok.device) + (~ok)
+        finally:
+            handle.remove()
+            self._delta = self._mask = None
+        return loss.detach()
+
+
+class AWP:
+    """Adversarial Weight Perturbation (Wu et al. 2020, arXiv:2004.05884), in the form Kaggle
+    solutions use (Feedback Prize 2021 1st place and after): after the clean backward, each chosen
+    weight w with this micro-batch's gradient g moves by adv_lr * g / ||g|| * ||w||, clamped to
+    [w0 - adv_eps*|w0|, w0 + adv_eps*|w0|]; the batch is run forward and backward on the perturbed
+    weights; then every weight is copied back bit for bit from the single backup. The gradient of
+    this micro-batch is read by tensor hooks during the clean backward, so gradient accumulation
+    never leaks earlier micro-batches into the direction. Norms are computed with foreach kernels
+    and stay on the device: no host synchronisation per parameter.
+
+        attack = AWP(model, adv_lr=1.0, adv_eps=0.01)
+        loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model, adv_lr: float = 1.0, adv_eps: float = 0.01, param_filter: str = "weight"):
+        inner = getattr(model, "module", model)
+        self.params = [p for n, p in inner.named_parameters() if p.requires_grad and param_filter in n]
+        if not self.params:
+            raise ValueError(f"AWP found no trainable parameter whose name contains {param_filter!r}")
+        self.adv_lr, self.adv_eps = adv_lr, adv_eps
+        self.skipped = torch.zeros((), dtype=torch.long)
+
+    @torch.no_grad()
+    def _perturb(self, params, grads):
+        """Move params in place and return their backup (the one extra copy)."""
+        backup = [p.detach().clone() for p in params]
+        g_norm = torch.stack(torch._foreach_norm(grads)).float()
+        w_norm = torch.stack(torch._foreach_norm(backup)).float()
+        ok = torch.isfinite(g_norm).all()
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        scale = torch.where(ok, self.adv_lr * w_norm / g_norm.clamp_min(1e-12), torch.zeros_like(g_norm))
+        for p, g, w0, s in zip(params, grads, backup, scale.unbind()):
+            step = (g * s.to(g.dtype)).nan_to_num_(0.0, 0.0, 0.0)
+            bound = w0.abs().mul_(self.adv_eps)
+            torch.minimum(step, bound, out=step)
+            torch.maximum(step, bound.neg_(), out=step)
+            p.add_(step.to(p.dtype))
+        return backup
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        def scaled(x):
+            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
+
+        grads = [None] * len(self.params)
+        hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g)) for i, p in enumerate(self.params)]
+        try:
+            loss = loss_fn(forward())
+            scaled(loss).backward()
+        finally:
+            for h in hooks:
+                h.remove()
+        hit = [i for i, g in enumerate(grads) if g is not None]
+        params = [self.params[i] for i in hit]
+        backup = self._perturb(params, [grads[i] for i in hit])
+        del grads
+        try:
+            scaled(loss_fn(forward())).backward()
+        finally:
+            with torch.no_grad():
+                for p, w0 in zip(params, backup):
+                    p.copy_(w0)
+        return loss.detach()
+
+
+class SiFT:
+    """Scale-invariant fine-tuning (He et al. 2021, DeBERTa, arXiv:2006.03654), callable like the others.
+
+    A parameter-free LayerNorm (eps 1e-7) is put in front of the embeddings' LayerNorm for the
+    duration of the call, so the perturbation lives on normalised embeddings whatever their scale.
+    The clean pass caches those normalised embeddings. Then delta ~ N(0, init) clamped to +-2*init
+    takes one ascent step on the symmetric KL between perturbed and clean predictions,
+    delta += lr * g / max|g| (per token; gradient w.r.t. delta only, via autograd.grad, so the
+    parameters are never frozen and nothing must be restored), and the perturbed pass adds
+    alpha * symmetric KL(perturbed, clean) to the gradients. As in SMART, the clean predictions are
+    the fixed target. Defaults are DeBERTa's (init 1e-2, lr 1e-4; alpha 3 for xsmall, 5 for larger).
+    Needs a head with at least two logits (the KL of one logit is always zero).
+
+        attack = SiFT(model, alpha=3.0)
+        loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
+        optimizer.step(); optimizer.zero_grad()
+    """
+
+    def __init__(self, model, alpha: float = 3.0, init: float = 1e-2, lr: float = 1e-4, module=None):
+        inner = getattr(model, "module", model)
+        if module is None or module == "":
+            found = [m for n, m in inner.named_modules() if n.endswith("embeddings.LayerNorm")]
+            if len(found) != 1:
+                raise ValueError(f"SiFT found {len(found)} modules named '*embeddings.LayerNorm' in "
+                                 f"{type(inner).__name__}; pass module= (the LayerNorm after the embeddings, "
+                                 "or its name; --sift-module on the command line)")
+            module = found[0]
+        elif isinstance(module, str):
+            named = dict(inner.named_modules())
+            if module not in named:
+                raise ValueError(f"SiFT: no module named {module!r} in {type(inner).__name__}")
+            module = named[module]
+        self.module, self.alpha, self.init, self.lr = module, alpha, init, lr
+        self.skipped = torch.zeros((), dtype=torch.long)
+        self._clean = self._delta = None
+
+    @staticmethod
+    def symmetric_kl(logits, target):
+        """KL(p||q) + KL(q||p) averaged over rows: >= 0, and 0 exactly when the predictions agree."""
+        lp, lq = F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1)
+        return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+
+    def _hook(self, module, args):
+        x = args[0]
+        if self._delta is None:  # clean pass: normalise and remember
+            self._clean = F.layer_norm(x.float(), x.shape[-1:], eps=1e-7)
+            return (self._clean.to(x.dtype),) + args[1:]
+        return ((self._clean.detach() + self._delta).to(x.dtype),) + args[1:]
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        def scaled(x):
+            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
+
+        handle = self.module.register_forward_pre_hook(self._hook)
+        try:
+            out = forward()
+            target = getattr(out, "logits", out).detach()
+            if target.shape[-1] < 2:
+                raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
+                                 "logit is always 0 (use FGM or AWP for regression)")
+            loss = loss_fn(out)
+            scaled(loss).backward()
+            noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
+            delta = noise.clamp(-2 * self.init, 2 * self.init)
+            self._delta = delta.requires_grad_()
+            out = forward()
+            kl = self.symmetric_kl(getattr(out, "logits", out), target)
+            grad, = torch.autograd.grad(scaled(kl), self._delta)
+            ok = torch.isfinite(grad).all()
+            self.skipped = self.skipped.to(ok.device) + (~ok)
+            moved = delta.detach() + self.lr * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
+            self._delta = torch.where(ok, moved, delta.detach())
+            out = forward()
+            adv = self.alpha * self.symmetric_kl(getattr(out, "logits", out), target)
+            scaled(adv).backward()
+        finally:
+            handle.remove()
+            self._clean = self._delta = None
+        return loss.detach()
+
+
+def make_attack(cfg: Config, model):
+    """The attack object the Config asks for (Baseline for method=baseline)."""
+    try:
+        return {
+            "baseline": lambda: Baseline(model),
+            "fgm": lambda: FGM(model, eps=cfg.fgm_eps, scope=cfg.fgm_scope),
+            "pgd": lambda: PGD(model, eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=cfg.pgd_steps),
+            "freelb": lambda: FreeLB(model, steps=cfg.freelb_steps, lr=cfg.freelb_lr, init_mag=cfg.freelb_init,
+                                     max_norm=cfg.freelb_max_norm),
+            "awp": lambda: AWP(model, adv_lr=cfg.awp_lr, adv_eps=cfg.awp_eps, param_filter=cfg.awp_params),
+            "sift": lambda: SiFT(model, alpha=cfg.sift_lambda, init=cfg.sift_init, lr=cfg.sift_lr,
+                                 module=cfg.sift_module or None),
+        }[cfg.method]()
+    except ValueError as e:
+        raise UserError(f"--method {cfg.method}: {e}.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loop
+# ---------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device={name} but no CUDA GPU is visible: use --device cpu (or auto).")
+    return device
+
+
+def resolve_amp(amp: str, device: torch.device):
+    """The autocast dtype, or None for fp32. T4s (compute capability 7.5) report bf16 support but only
+    emulate it, so "auto" decides on the compute capability, not torch.cuda.is_bf16_supported()."""
+    if amp == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    """torch AdamW (transformers.AdamW is gone in v5); no weight decay on biases and LayerNorm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    fused = {"fused": True} if device.type == "cuda" and cfg.fused_adamw else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
+
+
+def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        if kind == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float):
+    """Once per optimizer step, after every backward of the step (the attacks' included):
+    unscale (fp16), clip the global norm, step, update the scale, advance the schedule."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def adversarial_gate(cfg: Config, epoch_progress: float, best_metric: float | None) -> bool:
+    """Whether the attack runs at this point: from epoch adv_start on and, with adv_threshold > 0,
+    once the best validation metric so far has reached it."""
+    if cfg.method == "baseline" or epoch_progress < cfg.adv_start:
+        return False
+    return cfg.adv_threshold <= 0 or (best_metric is not None and best_metric >= cfg.adv_threshold)
+
+
+def binary_metrics(y_true, y_pred) -> dict:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    tp = int(((y_pred == 1) & (y_true == 1)).sum())
+    fp = int(((y_pred == 1) & (y_true == 0)).sum())
+    fn = int(((y_pred == 0) & (y_true == 1)).sum())
+    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return {"accuracy": float((y_true == y_pred).mean()), "f1": float(f1)}
+
+
+def _autocast(device: torch.device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name=""):
+    """Train one model; evaluate after every epoch; keep the best epoch's weights (on the CPU).
+
+    train_data and valid_data are (token ids, labels). Returns a dict with the per-epoch history,
+    the best epoch, its state_dict, the attack's start and skip count, and the training time."""
+    pin = device.type == "cuda"
+    pad_to = Collator(pad_id, cfg.max_len if cfg.pad_to_max else None)
+    loader = make_loader(*train_data, cfg.batch_size, True, pad_to, cfg.seed, cfg.group_by_length,
+                         cfg.num_workers, pin)
+    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer = build_optimizer(model, cfg, device)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, int(cfg.warmup * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    attack, plain = make_attack(cfg, model), Baseline()
+    forward_model = maybe_compile(model, cfg.compile)
+    history, best, best_state, adv_started = [], None, None, None
+    train_seconds, samples = 0.0, 0
+
+    for epoch in range(cfg.epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        loss_sum, n_batches, adv_steps = torch.zeros((), device=device), 0, 0
+        start = time.perf_counter()
+        bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress,
+                   dynamic_ncols=True)
+        for i, (batch, labels) in enumerate(bar):
+            if i % cfg.grad_accum == 0:
+                step = epoch * steps_per_epoch + i // cfg.grad_accum
+                best_metric = best[cfg.select_metric] if best else None
+                active = adversarial_gate(cfg, step / steps_per_epoch, best_metric)
+                adv_steps += active
+                if active and adv_started is None:
+                    adv_started = {"epoch": round(step / steps_per_epoch, 4), "step": step}
+                    log.info(f"{name}adversarial training ({cfg.method}) on from epoch "
+                             f"{adv_started['epoch']:.2f} (optimizer step {step})")
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            labels = labels.to(device, non_blocking=True)
+
+            def forward():
+                with _autocast(device, amp_dtype):
+                    return forward_model(**batch)
+
+            loss = (attack if active else plain).backward(
+                forward, lambda logits: F.cross_entropy(logits.float(), labels), scaler, cfg.grad_accum)
+            loss_sum += loss
+            n_batches += 1
+            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
+                optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
+            if cfg.progress and i % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        train_loss = (loss_sum / max(n_batches, 1)).item()  # also waits for the GPU: the timing is honest
+        seconds = time.perf_counter() - start
+        train_seconds += seconds
+        samples += len(train_data[0])
+
+        probs = predict_proba(model, valid_data[0], cfg.eval_batch_size, pad_id, device, amp_dtype)
+        metrics = binary_metrics(valid_data[1], probs.argmax(1))
+        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_accuracy": metrics["accuracy"],
+               "valid_f1": metrics["f1"], "seconds": round(seconds, 3),
+               "samples_per_s": round(len(train_data[0]) / seconds, 2), "adv_steps": adv_steps,
+               "lr": scheduler.get_last_lr()[0]}
+        history.append(row)
+        improved = best is None or metrics[cfg.select_metric] > best[cfg.select_metric]
+        if improved:
+            best = {"epoch": epoch + 1, **metrics}
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        log.info(f"{name}epoch {epoch + 1}/{cfg.epochs} | loss {train_loss:.4f} | valid acc {metrics['accuracy']:.4f} "
+                 f"f1 {metrics['f1']:.4f} | {seconds:.1f}s | {row['samples_per_s']:.0f} samples/s"
+                 f"{' | adv ' + str(adv_steps) + ' steps' if adv_steps else ''}{' | best' if improved else ''}")
+    skips = int(attack.skipped)
+    if skips:
+        log.info(f"{name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without perturbation")
+    return {"history": history, "best": best, "state": best_state, "adv_started_at": adv_started,
+            "attack_skips": skips, "train_seconds": train_seconds, "train_samples": samples}
+
+
+def maybe_compile(model: nn.Module, enabled: bool):
+    """torch.compile with dynamic shapes, or the model itself if compilation is off or fails."""
+    if not enabled:
+        return model
+    try:
+        compiled = torch.compile(model, dynamic=True)
+    except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
+        log.warning(f"torch.compile failed ({e}); running eagerly")
+        return model
+
+    def call(**kwargs):
+        nonlocal compiled
+        try:
+            return compiled(**kwargs)
+        except Exception as e:  # noqa: BLE001 - compilation happens on the first call
+            if compiled is model:
+                raise
+            log.warning(f"torch.compile failed on the first batch ({type(e).__name__}: {e}); running eagerly")
+            compiled = model
+            return model(**kwargs)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction and submission
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
+    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host."""
+    model.eval()
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    collate = Collator(pad_id)
+    chunks = []
+    for start in range(0, len(ids), batch_size):
+        batch, _ = collate([(ids[i], 0) for i in order[start:start + batch_size]])
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with _autocast(device, amp_dtype):
+            logits = model(**batch)
+        chunks.append(torch.softmax(getattr(logits, "logits", logits).float(), -1))
+    probs = np.empty((len(ids), chunks[0].shape[-1]), dtype=np.float32)
+    probs[order] = torch.cat(chunks).cpu().numpy()
+    return probs
+
+
+def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission") -> None:
+    """Raise UserError unless sub is exactly id,target with the expected ids in order and 0/1 targets."""
+    if list(sub.columns) != ["id", "target"]:
+        raise UserError(f"{name}: columns must be id,target, found {','.join(map(str, sub.columns))}.")
+    expected = np.asarray(expected_ids)
+    if len(sub) != len(expected):
+        raise UserError(f"{name}: {len(sub)} rows, but the test set has {len(expected)}.")
+    differ = np.flatnonzero(sub["id"].astype(str).to_numpy() != expected.astype(str))
+    if len(differ):
+        i = differ[0]
+        raise UserError(f"{name}: ids differ from the test set's order ({len(differ)} rows; first at row {i + 1}: "
+                        f"{sub['id'].iloc[i]!r} where {expected[i]!r} is expected).")
+    target = pd.to_numeric(sub["target"], errors="coerce")
+    bad = ~target.isin([0, 1]) | (target != target.round())
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(f"{name}: target must be the integer 0 or 1, found {sub['target'].iloc[i]!r} at row {i + 1}.")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename the temporary file over path: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_submission(path: Path, ids, labels, expected_ids) -> pd.DataFrame:
+    sub = pd.DataFrame({"id": np.asarray(ids), "target": np.asarray(labels).astype(int)})
+    check_submission(sub, expected_ids, str(path))
+    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False))
+    return sub
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A whole run: data -> folds -> submission, metrics.json
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {out} is a file: choose a folder with --output-dir.")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} already holds files from an earlier run: pass --overwrite to replace them, "
+                        "or choose another --output-dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def logging_to(logfile: Path):
+    """Log lines go to stdout and to logfile for the duration of a run."""
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(logfile, mode="w", encoding="utf-8")]
+    handlers[1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for h in handlers:
+        log.addHandler(h)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            log.removeHandler(h)
+            h.close()
+
+
+def versions() -> dict:
+    return {"advtrain": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "numpy": np.__version__, "pandas": pd.__version__}
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def run(cfg: Config) -> dict:
+    """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and
+    model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json)."""
+    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
+    with logging_to(out / "train.log"):
+        return _run(cfg, out)
+
+
+def _run(cfg: Config, out: Path) -> dict:
+    started = time.time()
+    log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_amp(cfg.amp, device)
+    data_dir = find_data_dir(cfg.data_dir)
+    train_df, test_df, order = load_competition(data_dir, cfg.use_keyword)
+    tokenizer = load_tokenizer(cfg.model)
+    try:
+        model_config = transformers.AutoConfig.from_pretrained(cfg.model)
+    except (OSError, ValueError) as e:
+        raise UserError(f"Could not load the config of {cfg.model!r} ({str(e).splitlines()[0]}).") from None
+    limit = model_max_len(tokenizer, model_config)
+    train_ids = tokenize(tokenizer, train_df["text"].tolist(), limit)
+    longest = max(map(len, train_ids))
+    max_len = min(cfg.max_len, limit) if cfg.max_len else longest
+    if max_len < longest:
+        train_ids = tokenize(tokenizer, train_df["text"].tolist(), max_len)
+    test_ids = tokenize(tokenizer, test_df["text"].tolist(), max_len)
+    cfg = dataclasses.replace(cfg, max_len=max_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    targets = train_df["target"].to_numpy()
+    log.info(f"data {data_dir}: {len(train_df)} train / {len(test_df)} test rows, max_len {max_len} tokens "
+             f"(longest training text {longest}) | device {describe_device(device)} | "
+             f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
+
+    if cfg.split == "holdout":
+        tr, va, ho = holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size)
+        folds = [(tr, va, ho)]
+    else:
+        folds = [(tr, va, np.array([], dtype=int)) for tr, va in kfold_splits(targets, cfg.n_folds, cfg.seed)]
+
+    test_probs = np.zeros((len(test_ids), 2), dtype=np.float64)
+    oof_rows, fold_results = [], []
+    for k, (tr, va, ho) in enumerate(folds):
+        name = f"fold {k + 1}/{len(folds)} " if len(folds) > 1 else ""
+        seed_everything(cfg.seed)
+        model = Classifier.from_pretrained(cfg.model, pooling=cfg.pooling, dropout=cfg.dropout).to(device)
+        result = train_fold(cfg, model, ([train_ids[i] for i in tr], targets[tr]),
+                            ([train_ids[i] for i in va], targets[va]), device, amp_dtype, pad_id, name)
+        model.load_state_dict(result.pop("state"))
+        for part, rows in (("valid", va), ("holdout", ho)):
+            if len(rows):
+                probs = predict_proba(model, [train_ids[i] for i in rows], cfg.eval_batch_size, pad_id, device,
+                                      amp_dtype)
+                oof_rows.append(pd.DataFrame({"id": train_df["id"].to_numpy()[rows], "target": targets[rows],
+                                              "prob": probs[:, 1], "split": part, "fold": k}))
+        test_probs += predict_proba(model, test_ids, cfg.eval_batch_size, pad_id, device, amp_dtype) / len(folds)
+        if cfg.save_model:
+            path = out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt")
+            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+        fold_results.append(result)
+        del model
+
+    oof = pd.concat(oof_rows, ignore_index=True)
+    scored = oof[oof["split"] == ("holdout" if cfg.split == "holdout" else "valid")]
+    final = binary_metrics(scored["target"], (scored["prob"] > 0.5).astype(int))
+    log.info(f"{'holdout' if cfg.split == 'holdout' else 'out-of-fold'}: accuracy {final['accuracy']:.4f} "
+             f"f1 {final['f1']:.4f}")
+
+    test_pred = test_probs.argmax(1)
+    by_id = pd.Series(test_pred, index=test_df["id"].to_numpy())
+    write_submission(out / "submission.csv", order, by_id.loc[order].to_numpy(), order)
+    probs_df = pd.DataFrame({"id": order, "prob": pd.Series(test_probs[:, 1], index=test_df["id"]).loc[order].values})
+    atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
+    atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
+
+    train_seconds = sum(r["train_seconds"] for r in fold_results)
+    epochs = [dict(row, fold=k) if len(folds) > 1 else row
+              for k, r in enumerate(fold_results) for row in r["history"]]
+    bests = [r["best"] for r in fold_results]
+    metrics = {
+        "config": dataclasses.asdict(cfg),
+        "epochs": epochs,
+        "valid_best": bests[0] if len(bests) == 1 else
+        {m: float(np.mean([b[m] for b in bests])) for m in ("accuracy", "f1")} | {"folds": bests},
+        "holdout": final if cfg.split == "holdout" else final | {"source": "out-of-fold predictions"},
+        "train_samples_per_s": round(sum(r["train_samples"] for r in fold_results) / train_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "attack_skips": sum(r["attack_skips"] for r in fold_results),
+        "adv_started_at": [r["adv_started_at"] for r in fold_results] if len(folds) > 1
+        else fold_results[0]["adv_started_at"],
+        "device": describe_device(device),
+        "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "data": {"dir": str(data_dir), "train_rows": len(train_df), "test_rows": len(test_df),
+                 "train": len(folds[0][0]), "valid": len(folds[0][1]), "holdout": len(folds[0][2]),
+                 "max_len": max_len, "longest_train_text": longest},
+        "versions": versions(),
+        "seconds_total": round(time.time() - started, 2),
+    }
+    write_json(out / "metrics.json", metrics)
+    log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo: a synthetic competition and a tiny model, built offline (also the tests' fixtures)
+# ---------------------------------------------------------------------------------------------
+
+_DISASTER = ["{event} near {place}, {n} people evacuated", "Breaking: {event} hits {place} #{tag}",
+             "{place} residents told to leave as the {event} spreads", "Emergency crews respond to {event} in {place}",
+             "{n} dead after {event} in {place}, rescue under way", "Stay safe {place}, {event} warning until {day}"]
+_CALM = ["Just had the best {food} in {place} lol", "This new {thing} is fire, totally {mood}",
+         "Can't wait for {day} in {place} with {food}", "My {thing} exploded with notifications today haha",
+         "{food} and a movie on {day}, {mood} as ever", "That {thing} review was a total {event} of a video"]
+_SLOTS = {"event": ["wildfire", "earthquake", "flood", "hurricane", "tornado", "explosion", "landslide", "train crash"],
+          "place": ["California", "Tokyo", "Nepal", "Texas", "Manila", "Ohio", "Lisbon", "Chile", "Kenya", "Quebec"],
+          "tag": ["news", "breaking", "alert", "prayfor"], "n": ["2", "12", "40", "150", "300"],
+          "day": ["Friday", "Saturday", "Sunday", "tonight"], "food": ["pizza", "tacos", "ramen", "pancakes"],
+          "thing": ["phone", "album", "game", "jacket"], "mood": ["happy", "tired", "hyped", "lit"]}
+
+
+def make_demo_data(folder, n_train: int = 1200, n_test: int = 300, seed: int = 0, noise: float = 0.05) -> Path:
+    """train.csv, test.csv and sample_submission.csv in the competition's schema, from templates:
+    disaster tweets and everyday ones that borrow disaster words, with `noise` of the labels flipped."""
+    rng = random.Random(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def tweet():
+        label = rng.random() < 0.43
+        slots = {k: rng.choice(v) for k, v in _SLOTS.items()}
+        text = rng.choice(_DISASTER if label else _CALM).format(**slots)
+        keyword = slots["event"].replace(" ", "%20") if label or rng.random() < 0.3 else ""
+        return keyword, rng.choice(["", "", "USA", "Earth", "London"]), text, int(label ^ (rng.random() < noise))
+
+    rows = [tweet() for _ in range(n_train + n_test)]
+    frame = pd.DataFrame(rows, columns=["keyword", "location", "text", "target"])
+    frame.insert(0, "id", rng.sample(range(3 * len(rows)), len(rows)))
+    frame.iloc[:n_train].to_csv(folder / "train.csv", index=False)
+    test = frame.iloc[n_train:].drop(columns="target")
+    test.to_csv(folder / "test.csv", index=False)
+    pd.DataFrame({"id": test["id"], "target": 0}).to_csv(folder / "sample_submission.csv", index=False)
+    return folder
+
+
+def make_tiny_model(folder, arch: str = "deberta-v2", texts=None, hidden: int = 32, layers: int = 2) -> Path:
+    """A randomly initialised encoder of the given architecture (deberta-v2, bert, roberta, electra)
+    and a WordPiece tokenizer trained on `texts`, both written with save_pretrained so that loading
+    them goes through from_pretrained like a real checkpoint."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    folder = Path(folder)
+    texts = list(texts) if texts is not None else [t.format(**{k: v[0] for k, v in _SLOTS.items()})
+                                                   for t in _DISASTER + _CALM]
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=128)
+    sizes = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
+                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
+                 pad_token_id=tokenizer.pad_token_id)
+    if arch == "deberta-v2":  # the deberta-v3 layout: relative attention only, no token types
+        sizes.update(relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"], share_att_key=True,
+                     position_biased_input=False, type_vocab_size=0, norm_rel_ebd="layer_norm", layer_norm_eps=1e-7)
+    if arch == "electra":
+        sizes.update(embedding_size=hidden)
+    config = transformers.AutoConfig.for_model(arch, **sizes)
+    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
+    """The whole pipeline offline in about a minute on a CPU: synthetic tweets, a tiny DeBERTa-v2."""
+    with tempfile.TemporaryDirectory(prefix="advtrain-demo-") as tmp:
+        data = make_demo_data(Path(tmp, "data"))
+        model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
+        settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, overwrite=True, epochs=3,
+                        batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, adv_start=1.0, save_model=False)
+        return run(Config(**{**settings, **overrides}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None):
+    """One flag per Config field. Flags default to 'not given', so a preset can fill what the user left out."""
+    for f in dataclasses.fields(Config):
+        default = (defaults or {}).get(f.name, f.default)
+        kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default!r})"}
+        if f.type in ("bool", bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            if f.metadata.get("choices"):
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    preset = given.get("preset", (base or {}).get("preset", ""))
+    return Config(**{**(base or {}), **PRESETS.get(preset, {}), **given})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="advtrain.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"advtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_config_flags(sub.add_parser("train", help="fine-tune, evaluate and write a submission"))
+    add_config_flags(sub.add_parser("demo", help="the whole pipeline offline on synthetic data and a tiny model"),
+                     {"output_dir": "submissions/demo"})
+    check = sub.add_parser("check-submission", help="validate a submission file against the test ids")
+    check.add_argument("file")
+    check.add_argument("--data-dir", default="", help="competition folder (default: as for train)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            run(config_from_args(args))
+        elif args.command == "demo":
+            demo(**{k: v for k, v in vars(args).items() if k != "command"})
+        elif args.command == "check-submission":
+            data_dir = find_data_dir(args.data_dir)
+            _, test, order = load_competition(data_dir)
+            path = Path(args.file)
+            if not path.is_file():
+                raise UserError(f"{path} not found: train first (make train) or fetch kernel outputs (make output).")
+            check_submission(read_csv_plain(path), order, str(path))
+            print(f"{path}: OK ({len(order)} rows, ids in the test set's order, targets 0/1)")
+    except UserError as e:
+        print(f"advtrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def read_csv_plain(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

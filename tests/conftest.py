@@ -1,0 +1,53 @@
+"""Shared fixtures: a synthetic competition and tiny models built offline, loaded through from_pretrained."""
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import advtrain  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return advtrain.make_demo_data(tmp_path_factory.mktemp("data"), n_train=600, n_test=120)
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory, data_dir):
+    texts = pd.read_csv(data_dir / "train.csv")["text"]
+    return {arch: advtrain.make_tiny_model(tmp_path_factory.mktemp(arch), arch, texts)
+            for arch in ("deberta-v2", "bert")}
+
+
+@pytest.fixture(params=["deberta-v2", "bert"])
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def tiny(model_dirs, arch):
+    """A tiny classifier (dropout off, so passes are comparable), its tokenizer and a batch."""
+    torch.manual_seed(0)
+    model = advtrain.Classifier.from_pretrained(str(model_dirs[arch]), dropout=0.0)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    tok = advtrain.load_tokenizer(str(model_dirs[arch]))
+    texts = ["Forest fire near La Ronge", "I love pizza on Friday lol", "Flood hits Tokyo, 40 evacuated",
+             "This album is fire"]
+    ids = advtrain.tokenize(tok, texts, 64)
+    batch, labels = advtrain.Collator(tok.pad_token_id)([(x, y) for x, y in zip(ids, [1, 0, 1, 0])])
+    return model, tok, batch, labels
+
+
+def base_config(data_dir, model_dir, out, **kw):
+    settings = dict(model=str(model_dir), data_dir=str(data_dir), output_dir=str(out), epochs=2, batch_size=16,
+                    lr=1e-3, holdout_size=100, valid_size=100, device="cpu", progress=False, save_model=False,
+                    adv_start=0.0)
+    settings.update(kw)
+    return advtrain.Config(**settings)

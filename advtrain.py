@@ -21,6 +21,7 @@ import random
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -817,7 +818,9 @@ def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float):
         scaler.update()
     else:
         optimizer.step()
-    scheduler.step()
+    with warnings.catch_warnings():  # a step GradScaler skipped still advances the schedule, on purpose
+        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -1200,37 +1203,44 @@ def make_demo_data(folder, n_train: int = 1200, n_test: int = 300, seed: int = 0
     return folder
 
 
-def make_tiny_model(folder, arch: str = "deberta-v2", texts=None, hidden: int = 32, layers: int = 2) -> Path:
+def make_tiny_model(folder, arch: str = "deberta-v2", texts=None, hidden: int = 32, layers: int = 2,
+                    seed: int = 0) -> Path:
     """A randomly initialised encoder of the given architecture (deberta-v2, bert, roberta, electra)
-    and a WordPiece tokenizer trained on `texts`, both written with save_pretrained so that loading
-    them goes through from_pretrained like a real checkpoint."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    and a WordPiece tokenizer whose vocabulary is the words of `texts`, both written with
+    save_pretrained so that loading them goes through from_pretrained like a real checkpoint.
+    Deterministic: the same texts and seed give the same files."""
+    from collections import Counter
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     folder = Path(folder)
     texts = list(texts) if texts is not None else [t.format(**{k: v[0] for k, v in _SLOTS.items()})
                                                    for t in _DISASTER + _CALM]
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=1000, special_tokens=specials))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    normalizer, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = Counter(w for t in texts for w, _ in pre.pre_tokenize_str(normalizer.normalize_str(t)))
+    chars = sorted({c for w in words for c in w})
+    frequent = [w for w, _ in sorted(words.items(), key=lambda kv: (-kv[1], kv[0]))[:1000]]
+    vocab = list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+                               + frequent))
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre, decoders.WordPiece()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
         mask_token="[MASK]", model_max_length=128)
-    sizes = dict(vocab_size=tok.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                 num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=128,
-                 pad_token_id=tokenizer.pad_token_id)
+    sizes = dict(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
+                 intermediate_size=2 * hidden, max_position_embeddings=128, pad_token_id=0)
     if arch == "deberta-v2":  # the deberta-v3 layout: relative attention only, no token types
         sizes.update(relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"], share_att_key=True,
                      position_biased_input=False, type_vocab_size=0, norm_rel_ebd="layer_norm", layer_norm_eps=1e-7)
     if arch == "electra":
         sizes.update(embedding_size=hidden)
     config = transformers.AutoConfig.for_model(arch, **sizes)
-    transformers.AutoModel.from_config(config).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.AutoModel.from_config(config)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

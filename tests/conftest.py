@@ -14,7 +14,7 @@ import advtrain  # noqa: E402
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-    return advtrain.make_demo_data(tmp_path_factory.mktemp("data"), n_train=600, n_test=120)
+    return advtrain.make_demo_data(tmp_path_factory.mktemp("data"), n_train=1000, n_test=120)
 
 
 @pytest.fixture(scope="session")
@@ -47,7 +47,7 @@ def tiny(model_dirs, arch):
 
 def base_config(data_dir, model_dir, out, **kw):
     settings = dict(model=str(model_dir), data_dir=str(data_dir), output_dir=str(out), epochs=2, batch_size=16,
-                    lr=1e-3, holdout_size=100, valid_size=100, device="cpu", progress=False, save_model=False,
+                    lr=2e-3, holdout_size=100, valid_size=100, device="cpu", progress=False, save_model=False,
                     adv_start=0.0)
     settings.update(kw)
     return advtrain.Config(**settings)

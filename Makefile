@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 METHOD ?= baseline
+MSG    ?=
 ARGS   ?=
 # Without an NVIDIA driver, pin the CPU build of torch (a plain `pip install torch` pulls several GB of CUDA).
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-ci.txt)
 
-.PHONY: setup demo test train
+.PHONY: setup demo test train notebooks data push status output submit submissions
 
 setup: $(BIN)/.installed
 
@@ -24,3 +25,27 @@ test: setup  ## the test suite (CPU, offline)
 
 train: setup  ## make train METHOD=awp ARGS="--epochs 3" -> submissions/$(METHOD)/
 	$(BIN)/python advtrain.py train --method $(METHOD) --output-dir submissions/$(METHOD) $(ARGS)
+
+# --- Kaggle round trip (needs `pip install kaggle` and an API token; see the README) ---
+KIT := $(PYTHON) tools/kaggle_kit.py
+
+notebooks:  ## regenerate notebooks/ from the templates in tools/kaggle_kit.py
+	$(KIT) notebooks
+
+data:  ## download and unzip the competition files into data/ (idempotent)
+	$(KIT) data
+
+push:  ## push the utility script, wait until its run is COMPLETE, then push every notebook
+	$(KIT) push
+
+status:  ## run status of every kernel
+	$(KIT) status
+
+output:  ## fetch each finished kernel's files into submissions/<method>/
+	$(KIT) output
+
+submit: setup  ## make submit METHOD=awp [MSG="..."]: check, then submit submissions/$(METHOD)/submission.csv
+	$(BIN)/python tools/kaggle_kit.py submit "$(METHOD)" "$(MSG)"
+
+submissions:  ## your past submissions and their scores
+	$(KIT) submissions

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -90,7 +92,7 @@ class Config:
     max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this; 0 = no clipping")
     amp: str = _opt("auto", "mixed precision: auto = bf16 on compute capability >= 8, fp16 below, off on CPU",
                     ("auto", "bf16", "fp16", "off"))
-    fused_adamw: bool = _opt(True, "use the fused AdamW kernel on CUDA")
+    fused_adamw: bool = _opt(True, "fused AdamW kernel on CUDA; off: the for-loop one, as transformers.AdamW was")
     compile: bool = _opt(False, "torch.compile the model (falls back to eager if compilation fails)")
     select_metric: str = _opt("f1", "validation metric that picks the best epoch", ("f1", "accuracy"))
     num_workers: int = _opt(0, "DataLoader worker processes")
@@ -149,11 +151,34 @@ class UserError(ValueError):
     """A problem the user can fix (a file, a column, a setting); the CLI prints it and exits with 2."""
 
 
+def env_overrides(cfg: Config, environ=None) -> Config:
+    """cfg with each field replaced by the environment variable ADVTRAIN_<FIELD> where it is set
+    (ADVTRAIN_EPOCHS=1, ADVTRAIN_MODEL=/path): how the tests run the Kaggle notebooks offline."""
+    environ = os.environ if environ is None else environ
+    changes = {}
+    for f in dataclasses.fields(Config):
+        raw = environ.get(f"ADVTRAIN_{f.name.upper()}")
+        if raw is None:
+            continue
+        kind = type(f.default)
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                raise UserError(f"ADVTRAIN_{f.name.upper()}={raw!r}: use 1/0, true/false or yes/no.")
+            changes[f.name] = raw.lower() in ("1", "true", "yes")
+        else:
+            try:
+                changes[f.name] = kind(raw)
+            except ValueError:
+                raise UserError(f"ADVTRAIN_{f.name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
+    return dataclasses.replace(cfg, **changes)
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: find, validate, split, tokenize, batch
 # ---------------------------------------------------------------------------------------------
 
-KAGGLE_MOUNTS = ("/kaggle/input/competitions/nlp-getting-started", "/kaggle/input/nlp-getting-started")
+KAGGLE_INPUT = Path("/kaggle/input")
+KAGGLE_MOUNTS = ("competitions/nlp-getting-started", "nlp-getting-started")
 
 
 def find_data_dir(data_dir: str = "") -> Path:
@@ -166,10 +191,10 @@ def find_data_dir(data_dir: str = "") -> Path:
                             "competition's train.csv and test.csv (`make data` downloads them).")
         return path
     for mount in KAGGLE_MOUNTS:
-        if Path(mount, "train.csv").is_file():
-            return Path(mount)
-    if Path("/kaggle/input").is_dir():
-        found = sorted(Path("/kaggle/input").rglob("train.csv"))
+        if (KAGGLE_INPUT / mount / "train.csv").is_file():
+            return KAGGLE_INPUT / mount
+    if KAGGLE_INPUT.is_dir():
+        found = sorted(KAGGLE_INPUT.rglob("train.csv"))
         if found:
             return found[0].parent
     if Path("data/train.csv").is_file():
@@ -363,6 +388,24 @@ class Classifier(nn.Module):
         else:
             pooled = hidden[:, 0]
         return self.head(self.dropout(pooled))
+
+
+def resolve_model(name: str) -> str:
+    """A local folder as it is; else a Hugging Face snapshot attached under /kaggle/input whose folder
+    (or config's _name_or_path) ends with the hub name's last part, so that notebooks run with the
+    internet off; else the hub name itself."""
+    if Path(name).is_dir() or not KAGGLE_INPUT.is_dir():
+        return name
+    wanted = name.rstrip("/").split("/")[-1].lower()
+    for config in sorted(KAGGLE_INPUT.rglob("config.json")):
+        try:
+            origin = str(json.loads(config.read_text()).get("_name_or_path", ""))
+        except (OSError, ValueError):
+            continue
+        if wanted in (config.parent.name.lower(), origin.rstrip("/").split("/")[-1].lower()):
+            log.info(f"model {name}: using the snapshot attached at {config.parent}")
+            return str(config.parent)
+    return name
 
 
 def load_tokenizer(name_or_dir: str):
@@ -788,8 +831,8 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    fused = {"fused": True} if device.type == "cuda" and cfg.fused_adamw else {}
-    return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
+    kernel = {"fused": True} if cfg.fused_adamw else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=cfg.lr, **(kernel if device.type == "cuda" else {}))
 
 
 def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -847,6 +890,19 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
+def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumulation_steps: int = 1):
+    """Forward and backward of one micro-batch through the attack (Baseline: no attack); returns the loss."""
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    labels = labels.to(device, non_blocking=True)
+
+    def forward():
+        with _autocast(device, amp_dtype):
+            return model(**batch)
+
+    return attack.backward(forward, lambda logits: F.cross_entropy(logits.float(), labels), scaler,
+                           accumulation_steps)
+
+
 def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name=""):
     """Train one model; evaluate after every epoch; keep the best epoch's weights (on the CPU).
 
@@ -883,15 +939,8 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
                     adv_started = {"epoch": round(step / steps_per_epoch, 4), "step": step}
                     log.info(f"{name}adversarial training ({cfg.method}) on from epoch "
                              f"{adv_started['epoch']:.2f} (optimizer step {step})")
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            labels = labels.to(device, non_blocking=True)
-
-            def forward():
-                with _autocast(device, amp_dtype):
-                    return forward_model(**batch)
-
-            loss = (attack if active else plain).backward(
-                forward, lambda logits: F.cross_entropy(logits.float(), labels), scaler, cfg.grad_accum)
+            loss = micro_step(attack if active else plain, forward_model, batch, labels, device, amp_dtype, scaler,
+                              cfg.grad_accum)
             loss_sum += loss
             n_batches += 1
             if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
@@ -946,6 +995,92 @@ def maybe_compile(model: nn.Module, enabled: bool):
             return model(**kwargs)
 
     return call
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Trainer integration
+# ---------------------------------------------------------------------------------------------
+
+
+def _build_adversarial_trainer():
+    """transformers.Trainer needs accelerate; build the subclass only when it is asked for, so that
+    advtrain itself imports where accelerate is missing."""
+    from transformers import Trainer
+
+    class AdversarialTrainer(Trainer):
+        """transformers.Trainer that runs an advtrain attack in every training step.
+
+            trainer = advtrain.AdversarialTrainer(model=model, args=args, train_dataset=ds,
+                                                  attack=advtrain.AWP(model, adv_lr=1.0, adv_eps=0.01))
+            trainer.train()
+
+        The attack's passes go through Trainer's own machinery: the accelerator's GradScaler (fp16),
+        its autocast, Trainer's normalisation for gradient accumulation, max_grad_norm and the
+        optimizer step (both after the step's last backward), DDP through torchrun. attack=None is
+        plain Trainer; adv_start is the (fractional) epoch from which the attack runs. Works with
+        Hugging Face heads (outputs with .loss/.logits; compute_loss_func is honoured) and with
+        advtrain.Classifier (cross-entropy on its logits)."""
+
+        def __init__(self, *args, attack=None, adv_start: float = 0.0, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.attack, self.adv_start = attack, adv_start
+            if attack is not None and self.args.n_gpu > 1:
+                raise ValueError("AdversarialTrainer runs one process per GPU: launch with torchrun, not "
+                                 "DataParallel (set CUDA_VISIBLE_DEVICES to one GPU or use torchrun)")
+
+        def _closures(self, model, inputs, num_items_in_batch):
+            """(forward, loss_fn) for this batch, as the attacks take them."""
+            inner = getattr(model, "module", model)
+            if isinstance(inner, Classifier):
+                labels = inputs["labels"]
+                features = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+                return lambda: model(**features), lambda logits: F.cross_entropy(logits.float(), labels)
+            if self.compute_loss_func is not None:
+                labels = inputs["labels"]
+                features = {k: v for k, v in inputs.items() if k != "labels"}
+                return (lambda: model(**features),
+                        lambda out: self.compute_loss_func(out, labels, num_items_in_batch=num_items_in_batch))
+            extra = {"num_items_in_batch": num_items_in_batch} if (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None) else {}
+            return lambda: model(**inputs, **extra), lambda out: out["loss"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not isinstance(getattr(model, "module", model), Classifier):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
+            forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
+            logits = forward()
+            loss = loss_fn(logits)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+            if self.attack is None or (self.state.epoch or 0.0) < self.adv_start:
+                return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+            if str(self.accelerator.distributed_type).endswith("DEEPSPEED"):
+                raise ValueError("advtrain attacks call backward themselves; DeepSpeed is not supported")
+            model.train()
+            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+                self.optimizer.train()
+            inputs = self._prepare_inputs(inputs)
+            scaled_already = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
+                or self.compute_loss_func is not None
+            accumulation = 1 if scaled_already else getattr(self, "current_gradient_accumulation_steps",
+                                                            self.args.gradient_accumulation_steps)
+            accumulation *= self.accelerator.gradient_accumulation_steps  # 1 where Trainer divides itself
+            forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
+            with self.compute_loss_context_manager():
+                loss = self.attack.backward(forward, loss_fn, scaler=self.accelerator.scaler,
+                                            accumulation_steps=accumulation)
+            return loss / accumulation
+
+    return AdversarialTrainer
+
+
+def __getattr__(name):
+    if name == "AdversarialTrainer":
+        globals()[name] = _build_adversarial_trainer()
+        return globals()[name]
+    raise AttributeError(f"module 'advtrain' has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1074,9 +1209,10 @@ def _run(cfg: Config, out: Path) -> dict:
     amp_dtype = resolve_amp(cfg.amp, device)
     data_dir = find_data_dir(cfg.data_dir)
     train_df, test_df, order = load_competition(data_dir, cfg.use_keyword)
-    tokenizer = load_tokenizer(cfg.model)
+    model_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(model_path)
     try:
-        model_config = transformers.AutoConfig.from_pretrained(cfg.model)
+        model_config = transformers.AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the config of {cfg.model!r} ({str(e).splitlines()[0]}).") from None
     limit = model_max_len(tokenizer, model_config)
@@ -1104,7 +1240,7 @@ def _run(cfg: Config, out: Path) -> dict:
     for k, (tr, va, ho) in enumerate(folds):
         name = f"fold {k + 1}/{len(folds)} " if len(folds) > 1 else ""
         seed_everything(cfg.seed)
-        model = Classifier.from_pretrained(cfg.model, pooling=cfg.pooling, dropout=cfg.dropout).to(device)
+        model = Classifier.from_pretrained(model_path, pooling=cfg.pooling, dropout=cfg.dropout).to(device)
         result = train_fold(cfg, model, ([train_ids[i] for i in tr], targets[tr]),
                             ([train_ids[i] for i in va], targets[va]), device, amp_dtype, pad_id, name)
         model.load_state_dict(result.pop("state"))
@@ -1160,6 +1296,378 @@ def _run(cfg: Config, out: Path) -> dict:
     write_json(out / "metrics.json", metrics)
     log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison across methods and seeds: the article's table, done with more than one seed
+# ---------------------------------------------------------------------------------------------
+
+# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
+
+
+def paired_interval(diffs) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t-interval (nan bounds for a single pair)."""
+    diffs = np.asarray(diffs, dtype=float)
+    mean = float(diffs.mean())
+    if len(diffs) < 2:
+        return mean, float("nan"), float("nan")
+    df = len(diffs) - 1
+    t = _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
+    half = t * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    return mean, mean - half, mean + half
+
+
+def run_dir_name(method: str, seed: int) -> str:
+    return f"{method}-seed{seed}"
+
+
+def collect_results(root: Path) -> pd.DataFrame:
+    """One row per finished run under root (a run is finished once its metrics.json exists)."""
+    rows = []
+    for path in sorted(Path(root).glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        select = m["config"]["select_metric"]
+        rows.append({"method": m["config"]["method"], "seed": m["config"]["seed"],
+                     "valid_best": m["valid_best"][select], "holdout_accuracy": m["holdout"]["accuracy"],
+                     "holdout_f1": m["holdout"]["f1"], "train_seconds": m["train_seconds"],
+                     "samples_per_s": m["train_samples_per_s"], "attack_skips": m["attack_skips"],
+                     "run": path.parent.name})
+    return pd.DataFrame(rows, columns=["method", "seed", "valid_best", "holdout_accuracy", "holdout_f1",
+                                       "train_seconds", "samples_per_s", "attack_skips", "run"])
+
+
+def summarize(results: pd.DataFrame, reference: str = "baseline"):
+    """(per-method mean and std, per-method paired difference from the reference on the same seeds)."""
+    metrics = ["valid_best", "holdout_accuracy", "holdout_f1"]
+    order = list(dict.fromkeys(results["method"]))
+    summary = results.groupby("method", sort=False)[metrics].agg(["mean", "std", "count"]).loc[order]
+    diffs = []
+    ref = results[results["method"] == reference].set_index("seed")
+    for method in order:
+        if method == reference or ref.empty:
+            continue
+        mine = results[results["method"] == method].set_index("seed")
+        seeds = sorted(set(mine.index) & set(ref.index))
+        if not seeds:
+            continue
+        row = {"method": method, "seeds": len(seeds)}
+        for metric in ("holdout_f1", "holdout_accuracy"):
+            mean, lo, hi = paired_interval(mine.loc[seeds, metric] - ref.loc[seeds, metric])
+            row.update({f"{metric}_diff": mean, f"{metric}_lo": lo, f"{metric}_hi": hi})
+        diffs.append(row)
+    return summary, pd.DataFrame(diffs)
+
+
+def _verdict(row, reference: str) -> str:
+    mean, lo, hi = (100 * row[f"holdout_f1_{k}"] for k in ("diff", "lo", "hi"))
+    if math.isnan(lo):
+        return f"{row['method']} vs {reference}: {mean:+.2f} F1 points on one seed; one seed gives no interval."
+    verdict = "distinguishable from zero" if lo > 0 or hi < 0 else "not distinguishable from zero"
+    return (f"{row['method']} vs {reference}: {mean:+.2f} holdout F1 points (95% CI {lo:+.2f} to {hi:+.2f}, "
+            f"{row['seeds']} seeds): {verdict}.")
+
+
+def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "") -> str:
+    summary, diffs = summarize(results, reference)
+
+    def cell(method, metric):
+        mean, std, n = summary.loc[method, (metric, "mean")], summary.loc[method, (metric, "std")], \
+            summary.loc[method, (metric, "count")]
+        return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+
+    lines = [header, "| method | seeds | valid best | holdout acc | holdout F1 |", "|---|---|---|---|---|"]
+    for method in summary.index:
+        lines.append(f"| {method} | {int(summary.loc[method, ('holdout_f1', 'count')])} | "
+                     f"{cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | {cell(method, 'holdout_f1')} |")
+    lines.append("\nmean ± standard deviation over seeds.")
+    if len(diffs):
+        lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
+                  "| method | seeds | Δ holdout F1 | 95% CI | Δ holdout acc | 95% CI |", "|---|---|---|---|---|---|"]
+        for _, r in diffs.iterrows():
+            ci = {m: (f"{100 * r[m + '_lo']:+.2f} to {100 * r[m + '_hi']:+.2f}" if not math.isnan(r[m + "_lo"])
+                      else "n/a") for m in ("holdout_f1", "holdout_accuracy")}
+            lines.append(f"| {r['method']} | {r['seeds']} | {100 * r['holdout_f1_diff']:+.2f} | {ci['holdout_f1']} | "
+                         f"{100 * r['holdout_accuracy_diff']:+.2f} | {ci['holdout_accuracy']} |")
+        lines.append("")
+        lines += [_verdict(r, reference) for _, r in diffs.iterrows()]
+    return "\n".join(lines).strip() + "\n"
+
+
+def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
+    """valid_f1_by_epoch.png (mean line, min-max band over seeds) and holdout_f1.png (seeds and mean)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    methods = list(dict.fromkeys(results["method"]))
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for method in methods:
+        curves = [[e["valid_f1"] for e in json.loads((root / run / "metrics.json").read_text())["epochs"]]
+                  for run in results.loc[results["method"] == method, "run"]]
+        width = min(map(len, curves))
+        curves = np.array([c[:width] for c in curves])
+        epochs = np.arange(1, width + 1)
+        line, = ax.plot(epochs, curves.mean(0), marker="o", label=method)
+        ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(title="Validation F1 per epoch (mean over seeds, band: min-max)", xlabel="epoch", ylabel="validation F1")
+    ax.set_xticks(np.arange(1, max(len(json.loads((root / r / "metrics.json").read_text())["epochs"])
+                                   for r in results["run"]) + 1))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths = [root / "valid_f1_by_epoch.png"]
+    fig.savefig(paths[0])
+
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for x, method in enumerate(methods):
+        scores = results.loc[results["method"] == method, "holdout_f1"].to_numpy()
+        jitter = np.linspace(-0.08, 0.08, len(scores)) if len(scores) > 1 else np.zeros(1)
+        ax.scatter(x + jitter, scores, alpha=0.7, label="seeds" if x == 0 else None, color="tab:blue")
+        ax.hlines(scores.mean(), x - 0.25, x + 0.25, color="tab:red", linewidth=2, label="mean" if x == 0 else None)
+    ax.set_xticks(range(len(methods)), methods)
+    ax.set(title="Holdout F1 per method (points: seeds, bar: mean)", xlabel="method", ylabel="holdout F1")
+    ax.legend()
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    paths.append(root / "holdout_f1.png")
+    fig.savefig(paths[1])
+    return paths
+
+
+def ensemble_submission(root: Path, runs: list[str], expected_ids, path: Path) -> dict:
+    """Average the test probabilities of the runs, write one submission; report how often runs disagree."""
+    probs = [pd.read_csv(Path(root) / r / "test_probs.csv").set_index("id")["prob"] for r in runs]
+    mean = pd.concat(probs, axis=1).mean(axis=1).loc[list(expected_ids)]
+    write_submission(path, mean.index, (mean.to_numpy() > 0.5).astype(int), expected_ids)
+    labels = np.array([(p.loc[list(expected_ids)].to_numpy() > 0.5) for p in probs])
+    disagree = [float((labels[i] != labels[j]).mean()) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    return {"runs": runs, "submission": str(path), "mean_pairwise_disagreement": float(np.mean(disagree)) if disagree
+            else 0.0}
+
+
+def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
+    """Run every method x seed (the same split for all methods of one seed) into cfg.output_dir/<method>-seed<seed>/,
+    skipping runs already finished, then rebuild results.csv, results.md and the plots from all finished runs.
+    ensemble: the methods whose test probabilities to average into ensemble_submission.csv."""
+    methods, seeds = list(methods), [int(s) for s in seeds]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods or not seeds:
+        raise UserError(f"compare needs methods from {', '.join(METHODS)} and at least one seed "
+                        f"(got methods={methods}, seeds={seeds}).")
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        for method in methods:
+            out = root / run_dir_name(method, seed)
+            if (out / "metrics.json").is_file():
+                print(f"compare: {out} is finished, not run again")
+                continue
+            print(f"compare: {method} seed {seed} -> {out}")
+            run(dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True))
+    results = collect_results(root)
+    results = results[results["method"].isin(methods) & results["seed"].isin(seeds)].reset_index(drop=True)
+    atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+    header = (f"# advtrain comparison\n\nmodel `{cfg.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+              f"lr {cfg.lr}, attack from epoch {cfg.adv_start}, split {cfg.split}, seeds {', '.join(map(str, seeds))}.\n")
+    text = results_markdown(results, "baseline" if "baseline" in methods else methods[0], header)
+    if ensemble:
+        _, _, order = load_competition(find_data_dir(cfg.data_dir))
+        runs = [run_dir_name(m, s) for m in ensemble for s in seeds]
+        info = ensemble_submission(root, runs, order, root / "ensemble_submission.csv")
+        text += (f"\nEnsemble of {', '.join(ensemble)} over {len(seeds)} seed(s) ({len(runs)} runs): "
+                 f"ensemble_submission.csv; runs disagree on {100 * info['mean_pairwise_disagreement']:.1f}% "
+                 "of test tweets on average.\n")
+    atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text))
+    plot_results(root, results)
+    print(text)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Benchmark: training and prediction speed, side by side, in one process
+# ---------------------------------------------------------------------------------------------
+
+# microsoft/deberta-v3-xsmall's config.json, so that its architecture can be timed without a download.
+DEBERTA_V3_XSMALL = dict(
+    model_type="deberta-v2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
+    vocab_size=128100, max_position_embeddings=512, relative_attention=True, position_buckets=256,
+    norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
+    max_relative_positions=-1, position_biased_input=False, type_vocab_size=0, hidden_act="gelu",
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0)
+
+
+def bench_texts(data_dir: str = ""):
+    """(training texts, test texts, where they came from): the competition's if present, else synthetic."""
+    try:
+        train, test, _ = load_competition(find_data_dir(data_dir))
+        return train["text"].tolist(), test["text"].tolist(), "competition files"
+    except UserError:
+        folder = make_demo_data(Path(tempfile.mkdtemp(prefix="advtrain-bench-")), n_train=4613, n_test=3263)
+        return (pd.read_csv(folder / "train.csv")["text"].tolist(), pd.read_csv(folder / "test.csv")["text"].tolist(),
+                "synthetic tweets")
+
+
+def bench_model(name: str, texts, workdir: Path):
+    """(classifier, tokenizer, description). 'deberta-v3-xsmall' is that architecture with random weights
+    and a WordPiece tokenizer built on the texts; 'tiny' a 2-layer DeBERTa-v2; anything else is loaded."""
+    if name in ("tiny", "deberta-v3-xsmall"):
+        folder = make_tiny_model(workdir / "model", "deberta-v2", texts)
+        tokenizer = load_tokenizer(str(folder))
+        if name == "tiny":
+            return Classifier.from_pretrained(str(folder)), tokenizer, "tiny DeBERTa-v2 (2 layers, hidden 32)"
+        config = transformers.AutoConfig.for_model(**DEBERTA_V3_XSMALL)
+        backbone = transformers.AutoModel.from_config(config)
+        return Classifier(backbone), tokenizer, "deberta-v3-xsmall architecture, random weights"
+    path = resolve_model(name)
+    return Classifier.from_pretrained(path), load_tokenizer(path), name
+
+
+def _memory_probe(device):
+    """(reset, read): peak memory of what runs between them. GPU: torch.cuda.max_memory_allocated;
+    CPU: the process's peak resident set (Linux: reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        def reset():
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            return torch.cuda.memory_allocated(device)
+
+        return reset, lambda: torch.cuda.max_memory_allocated(device)
+
+    def rss(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
+
+    def reset():
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return rss("VmRSS:")
+
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    return reset, lambda: rss("VmHWM:")
+
+
+def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, rounds: int = 3, batch_size: int = 32,
+          methods=METHODS, data_dir: str = "", device: str = "auto", output_dir: str = "submissions/bench",
+          compile: bool = False) -> dict:
+    """Time every method's training step, the article's setup ('seed-style') and the submission path,
+    alternating the rows round by round so that drift hits them alike; print and save a markdown table."""
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp("auto", dev)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_texts, test_texts, source = bench_texts(data_dir)
+    with tempfile.TemporaryDirectory(prefix="advtrain-bench-") as tmp:
+        base, tokenizer, described = bench_model(model, train_texts, Path(tmp))
+    limit = model_max_len(tokenizer, base.backbone.config)
+    train_ids = tokenize(tokenizer, train_texts, limit)
+    test_ids = tokenize(tokenizer, test_texts, limit)
+    longest = max(map(len, train_ids))
+    labels = np.arange(len(train_ids)) % 2
+    pad_id = tokenizer.pad_token_id or 0
+
+    kit = dict(batch_size=batch_size, compile=compile)
+    seed_style = dict(batch_size=8, pad_to_max=True, max_len=longest, amp="off", fused_adamw=False,
+                      group_by_length=False)
+    rows = [("seed-style (article setup)", Config(method="baseline", **seed_style)),
+            ("kit, batch 8", Config(method="baseline", batch_size=8, compile=compile))]
+    rows += [(f"kit {m}", Config(method=m, **kit)) for m in methods]
+    state = []
+    for name, cfg in rows:
+        seed_everything(0)
+        model_copy = copy.deepcopy(base).to(dev)
+        optimizer = build_optimizer(model_copy, cfg, dev)
+        scheduler = build_scheduler(optimizer, "constant", 0, 1)
+        row_amp = resolve_amp(cfg.amp, dev)
+        loader = make_loader(train_ids, labels, cfg.batch_size, True, Collator(pad_id, longest if cfg.pad_to_max else None),
+                             0, cfg.group_by_length, 0, dev.type == "cuda")
+        state.append(dict(name=name, cfg=cfg, model=model_copy, forward=maybe_compile(model_copy, cfg.compile),
+                          optimizer=optimizer, scheduler=scheduler, amp=row_amp,
+                          scaler=torch.amp.GradScaler(dev.type) if row_amp == torch.float16 else None,
+                          attack=make_attack(dataclasses.replace(cfg, adv_start=0.0), model_copy),
+                          batches=itertools.cycle(loader), seconds=0.0, samples=0, steps=0, peak=0))
+
+    def run_steps(s, n):
+        s["model"].train()
+        loss = None
+        for _ in range(n):
+            batch, y = next(s["batches"])
+            loss = micro_step(s["attack"], s["forward"], batch, y, dev, s["amp"], s["scaler"])
+            optimizer_step(s["model"], s["optimizer"], s["scheduler"], s["scaler"], s["cfg"].max_grad_norm)
+            s["samples"] += len(y)
+        return loss.item()  # waits for the device
+
+    probe = _memory_probe(dev)
+    for s in state:
+        run_steps(s, warmup)
+        s["samples"] = 0
+    for r in range(rounds):
+        for s in tqdm(state, desc=f"bench round {r + 1}/{rounds}", leave=False):
+            before = probe[0]() if probe else 0
+            start = time.perf_counter()
+            run_steps(s, steps)
+            s["seconds"] += time.perf_counter() - start
+            s["steps"] += steps
+            if probe:
+                resident = sum(p.numel() * p.element_size() for p in s["model"].parameters())
+                resident += sum(t.numel() * t.element_size() for st in s["optimizer"].state.values()
+                                for t in st.values() if torch.is_tensor(t))
+                s["peak"] = max(s["peak"], probe[1]() - before + resident)
+
+    predictor = state[2]
+    start = time.perf_counter()
+    probs = predict_proba(predictor["model"], test_ids, 128, pad_id, dev, predictor["amp"])
+    predict_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    ids = np.arange(len(test_ids))
+    with tempfile.TemporaryDirectory() as tmp:
+        predict_proba(predictor["model"], test_ids, 128, pad_id, dev, predictor["amp"])
+        write_submission(Path(tmp) / "submission.csv", ids, probs.argmax(1), ids)
+    submission_seconds = time.perf_counter() - start
+
+    kit_base = next((s for s in state if s["name"] == "kit baseline"), state[1])
+    table = []
+    for s in state:
+        step_ms = 1000 * s["seconds"] / s["steps"]
+        table.append({"row": s["name"], "batch": s["cfg"].batch_size,
+                      "amp": str(s["amp"]).replace("torch.", "") if s["amp"] else "fp32",
+                      "samples_per_s": round(s["samples"] / s["seconds"], 1), "step_ms": round(step_ms, 2),
+                      "step_vs_kit_baseline": round(step_ms / (1000 * kit_base["seconds"] / kit_base["steps"]), 2),
+                      "speedup_vs_seed_style": round(s["samples"] / s["seconds"]
+                                                     / (state[0]["samples"] / state[0]["seconds"]), 2),
+                      "peak_memory_mb": round(s["peak"] / 2 ** 20, 1) if probe else None})
+    result = {"device": describe_device(dev), "model": described, "texts": source, "train_rows": len(train_ids),
+              "longest_train_text": longest, "steps_per_row": steps * rounds, "rounds": rounds,
+              "versions": versions(), "rows": table,
+              "predict_samples_per_s": round(len(test_ids) / predict_seconds, 1),
+              "submission_seconds": round(submission_seconds, 3), "test_rows": len(test_ids)}
+    text = bench_markdown(result)
+    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text))
+    write_json(out / "bench.json", result)
+    print(text)
+    return result
+
+
+def bench_markdown(result: dict) -> str:
+    v = result["versions"]
+    lines = [f"# advtrain bench\n\ndevice {result['device']} | model {result['model']} | {result['texts']} "
+             f"({result['train_rows']} training texts, longest {result['longest_train_text']} tokens) | "
+             f"{result['steps_per_row']} timed steps per row in {result['rounds']} alternating rounds | "
+             f"torch {v['torch']}, transformers {v['transformers']}\n",
+             "| row | batch | dtype | samples/s | step ms | step / kit baseline | speed-up vs seed-style | peak MB |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['row']} | {r['batch']} | {r['amp']} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | "
+                     f"{r['step_vs_kit_baseline']:.2f}x | {r['speedup_vs_seed_style']:.2f}x | "
+                     f"{r['peak_memory_mb'] if r['peak_memory_mb'] is not None else 'n/a'} |")
+    lines.append(f"\nPrediction (the submission path): {result['predict_samples_per_s']:.0f} samples/s; predicting and "
+                 f"writing a {result['test_rows']}-row submission took {result['submission_seconds']:.2f} s.\n")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1284,10 +1792,29 @@ def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Conf
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advtrain.py", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"advtrain {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     add_config_flags(sub.add_parser("train", help="fine-tune, evaluate and write a submission"))
     add_config_flags(sub.add_parser("demo", help="the whole pipeline offline on synthetic data and a tiny model"),
                      {"output_dir": "submissions/demo"})
+    b = sub.add_parser("bench", help="training and prediction speed of every method, and of the article's setup")
+    b.add_argument("--model", default="deberta-v3-xsmall",
+                   help="hub name or folder; 'deberta-v3-xsmall' = that architecture with random weights, no "
+                        "download; 'tiny' = a 2-layer model (default: %(default)s)")
+    b.add_argument("--steps", type=int, default=30, help="timed steps per row and round (default: %(default)s)")
+    b.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps per row first (default: %(default)s)")
+    b.add_argument("--batch-size", type=int, default=32, help="the kit rows' batch (default: %(default)s)")
+    b.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
+    b.add_argument("--data-dir", default="", help="competition folder for real texts (default: as for train)")
+    b.add_argument("--device", default="auto")
+    b.add_argument("--output-dir", default="submissions/bench")
+    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the kit rows")
+    b.add_argument("--quick", action="store_true", help="tiny model, 2 steps, 1 round: seconds (CI)")
+    comp = sub.add_parser("compare", help="every method x seed, a table with intervals, plots, an ensemble")
+    comp.add_argument("--methods", default="baseline,fgm,awp,sift", help="comma-separated (default: %(default)s)")
+    comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
+    comp.add_argument("--ensemble", default="", help="methods whose runs to average into ensemble_submission.csv")
+    add_config_flags(comp, {"output_dir": "submissions/compare"})
     check = sub.add_parser("check-submission", help="validate a submission file against the test ids")
     check.add_argument("file")
     check.add_argument("--data-dir", default="", help="competition folder (default: as for train)")
@@ -1295,12 +1822,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        if args.command == "train":
+        if args.command is None:  # what a Kaggle utility-script run does: show what this is, succeed
+            print(f"advtrain {__version__} (torch {torch.__version__}, transformers {transformers.__version__}): "
+                  "import advtrain in a notebook, or run a command:")
+            parser.print_help()
+        elif args.command == "train":
             run(config_from_args(args))
         elif args.command == "demo":
             demo(**{k: v for k, v in vars(args).items() if k != "command"})
+        elif args.command == "bench":
+            methods = [m for m in args.methods.split(",") if m]
+            if any(m not in METHODS for m in methods):
+                raise UserError(f"--methods takes names from {', '.join(METHODS)}, got {args.methods!r}.")
+            quick = dict(model="tiny", steps=2, rounds=1, warmup=1) if args.quick else {}
+            bench(**{**dict(model=args.model, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
+                            batch_size=args.batch_size, methods=methods, data_dir=args.data_dir, device=args.device,
+                            output_dir=args.output_dir, compile=args.compile), **quick})
+        elif args.command == "compare":
+            cfg = config_from_args(args, {"output_dir": "submissions/compare"})
+            seeds = [s for s in args.seeds.split(",") if s]
+            if not all(s.strip().lstrip("-").isdigit() for s in seeds):
+                raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}.")
+            compare(cfg, [m for m in args.methods.split(",") if m], seeds,
+                    [m for m in args.ensemble.split(",") if m] or None)
         elif args.command == "check-submission":
             data_dir = find_data_dir(args.data_dir)
             _, test, order = load_competition(data_dir)

@@ -1,0 +1,95 @@
+"""Method comparison across seeds: runs, table, intervals, plots, resumption, ensemble."""
+import struct
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import advtrain
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_paired_interval_matches_a_hand_computation():
+    mean, lo, hi = advtrain.paired_interval([0.01, 0.02, 0.03])
+    half = 4.303 * 0.01 / np.sqrt(3)
+    assert mean == pytest.approx(0.02) and lo == pytest.approx(0.02 - half) and hi == pytest.approx(0.02 + half)
+    assert np.isnan(advtrain.paired_interval([0.5])[1])
+
+
+def test_summary_on_a_hand_made_results_table():
+    results = pd.DataFrame({
+        "method": ["baseline"] * 3 + ["fgm"] * 3 + ["awp"] * 3,
+        "seed": [1, 2, 3] * 3,
+        "valid_best": [0.80, 0.81, 0.82, 0.81, 0.82, 0.83, 0.80, 0.80, 0.80],
+        "holdout_accuracy": [0.80, 0.80, 0.80, 0.81, 0.81, 0.81, 0.80, 0.79, 0.81],
+        "holdout_f1": [0.70, 0.72, 0.74, 0.72, 0.75, 0.77, 0.69, 0.73, 0.73],
+    })
+    summary, diffs = advtrain.summarize(results)
+    assert summary.loc["fgm", ("holdout_f1", "mean")] == pytest.approx(2.24 / 3)
+    assert summary.loc["baseline", ("holdout_f1", "std")] == pytest.approx(0.02)
+    fgm = diffs.set_index("method").loc["fgm"]
+    # paired F1 differences: 0.02, 0.03, 0.03 -> mean 0.02667, sd 0.005774
+    assert fgm["holdout_f1_diff"] == pytest.approx(0.08 / 3)
+    assert fgm["holdout_f1_lo"] == pytest.approx(0.0266667 - 4.303 * 0.0057735 / np.sqrt(3), rel=1e-4)
+    text = advtrain.results_markdown(results)
+    assert "fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero." in text
+    assert "awp vs baseline: -0.33 holdout F1 points" in text and "not distinguishable from zero" in text
+    assert "| fgm | 3 | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7467 ± 0.0252 |" in text
+
+
+def compare_args(data_dir, model_dir, out, *extra):
+    return ["compare", "--methods", "baseline,fgm", "--seeds", "1,2", "--model", str(model_dir), "--data-dir",
+            str(data_dir), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16", "--lr", "2e-3",
+            "--holdout-size", "100", "--valid-size", "100", "--adv-start", "0", "--fgm-eps", "0.1", "--device",
+            "cpu", "--no-progress", "--no-save-model", *extra]
+
+
+def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    args = compare_args(data_dir, model_dirs["deberta-v2"], out, "--ensemble", "baseline,fgm")
+    assert advtrain.main(args) == 0
+    for run in ("baseline-seed1", "baseline-seed2", "fgm-seed1", "fgm-seed2"):
+        assert (out / run / "metrics.json").is_file() and (out / run / "submission.csv").is_file()
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and set(results["method"]) == {"baseline", "fgm"}
+    text = (out / "results.md").read_text()
+    for method in ("baseline", "fgm"):
+        rows = results[results["method"] == method]
+        cell = f"{rows['holdout_f1'].mean():.4f} ± {rows['holdout_f1'].std():.4f}"
+        assert f"| {method} | 2 |" in text and cell in text
+    diff = (results[results.method == "fgm"].set_index("seed")["holdout_f1"]
+            - results[results.method == "baseline"].set_index("seed")["holdout_f1"]).mean()
+    assert f"| fgm | 2 | {100 * diff:+.2f} |" in text
+    for png in ("valid_f1_by_epoch.png", "holdout_f1.png"):
+        width, height = png_size(out / png)
+        assert width >= 600 and height >= 400 and (out / png).stat().st_size > 10_000
+    sub = pd.read_csv(out / "ensemble_submission.csv")
+    advtrain.check_submission(sub, pd.read_csv(data_dir / "sample_submission.csv")["id"])
+    assert "Ensemble of baseline, fgm" in text
+
+    # A second call runs nothing and rebuilds the same table; a lost table is rebuilt from the runs.
+    monkeypatch.setattr(advtrain, "run", lambda cfg: pytest.fail("a finished run was run again"))
+    (out / "results.md").unlink()
+    assert advtrain.main(args) == 0
+    assert (out / "results.md").read_text() == text
+
+
+def test_compare_reruns_only_what_did_not_finish(data_dir, model_dirs, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    (out / "fgm-seed2" / "metrics.json").unlink()  # as if that run had crashed
+    ran = []
+    real_run = advtrain.run
+    monkeypatch.setattr(advtrain, "run", lambda cfg: (ran.append((cfg.method, cfg.seed)), real_run(cfg))[1])
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    assert ran == [("fgm", 2)]
+
+
+def test_compare_rejects_unknown_methods(capsys):
+    assert advtrain.main(["compare", "--methods", "baseline,magic"]) == 2
+    assert "compare needs methods from" in capsys.readouterr().err

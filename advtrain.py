@@ -1024,6 +1024,8 @@ def _build_adversarial_trainer():
         def __init__(self, *args, attack=None, adv_start: float = 0.0, **kwargs):
             super().__init__(*args, **kwargs)
             self.attack, self.adv_start = attack, adv_start
+            if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
+                self.label_names = ["labels"]  # its forward takes no labels: keep the column anyway
             if attack is not None and self.args.n_gpu > 1:
                 raise ValueError("AdversarialTrainer runs one process per GPU: launch with torchrun, not "
                                  "DataParallel (set CUDA_VISIBLE_DEVICES to one GPU or use torchrun)")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import transformers
@@ -300,17 +301,21 @@ def tokenize(tokenizer, texts, max_len: int) -> list[list[int]]:
 
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of indices. Shuffled, then (group_by_length) sorted by length inside windows of 50
-    batches so that each batch needs little padding, and the batches shuffled again."""
+    batches so that each batch needs little padding, and the batches shuffled again. Under
+    data-parallel training every rank draws the same list and takes every world_size-th batch,
+    the list padded by wrapping around as torch's DistributedSampler does, so all ranks step alike."""
 
-    def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0, group_by_length: bool = True):
+    def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0, group_by_length: bool = True,
+                 rank: int = 0, world_size: int = 1):
         self.lengths, self.batch_size, self.shuffle = np.asarray(lengths), batch_size, shuffle
         self.seed, self.group_by_length, self.epoch = seed, group_by_length, 0
+        self.rank, self.world_size = rank, world_size
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        return math.ceil(len(self.lengths) / self.batch_size)
+        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + self.epoch)
@@ -322,7 +327,8 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        return iter([b.tolist() for b in batches])
+        batches += batches[:-len(batches) % self.world_size]
+        return iter([b.tolist() for b in batches[self.rank::self.world_size]])
 
 
 class Collator:
@@ -342,10 +348,11 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": mask}, labels
 
 
-def make_loader(ids, labels, batch_size, shuffle, collator, seed=0, group_by_length=True, num_workers=0, pin=False):
+def make_loader(ids, labels, batch_size, shuffle, collator, seed=0, group_by_length=True, num_workers=0, pin=False,
+                rank=0, world_size=1):
     labels = labels if labels is not None else [-1] * len(ids)
     dataset = list(zip(ids, labels))
-    sampler = LengthGroupedBatches([len(x) for x in ids], batch_size, shuffle, seed, group_by_length)
+    sampler = LengthGroupedBatches([len(x) for x in ids], batch_size, shuffle, seed, group_by_length, rank, world_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                        num_workers=num_workers, pin_memory=pin)
 
@@ -361,6 +368,8 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, num_labels: int = 2, pooling: str = "cls", dropout: float = 0.1):
         super().__init__()
+        if getattr(backbone, "pooler", None) is not None:  # BERT-style pooler: unused here, and DDP wants every
+            backbone.pooler = None                         # parameter to receive a gradient
         self.backbone, self.pooling = backbone, pooling
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(backbone.config.hidden_size, num_labels)
@@ -465,9 +474,14 @@ class FGM:
         if scope not in ("example", "vocab"):
             raise ValueError(f"FGM scope must be 'example' or 'vocab', got {scope!r}")
         self.embedding = getattr(model, "module", model).get_input_embeddings()
+        self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.scope = eps, scope
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._ids = None
+
+    def _local(self):
+        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     def _hook(self, module, inputs, output):
         if self._delta is None:  # clean pass: a zero perturbation whose .grad is this batch's gradient
@@ -495,8 +509,9 @@ class FGM:
 
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            loss = loss_fn(forward())
-            scaled(loss).backward()
+            with self._local():
+                loss = loss_fn(forward())
+                scaled(loss).backward()
             self._delta = self.perturbation(self._delta.grad)
             scaled(loss_fn(forward())).backward()
         finally:
@@ -520,9 +535,14 @@ class PGD:
 
     def __init__(self, model, eps: float = 1.0, alpha: float = 0.3, steps: int = 3):
         self.embedding = getattr(model, "module", model).get_input_embeddings()
+        self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = None
+
+    def _local(self):
+        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     def _hook(self, module, inputs, output):
         if self._delta is None:
@@ -539,8 +559,9 @@ class PGD:
 
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            loss = loss_fn(forward())
-            scaled(loss).backward()
+            with self._local():
+                loss = loss_fn(forward())
+                scaled(loss).backward()
             grad, delta, ok = self._delta.grad, self._delta.detach(), torch.ones((), dtype=torch.bool)
             for step in range(self.steps):
                 norm = self._norm(grad.float())
@@ -550,11 +571,11 @@ class PGD:
                 delta = torch.where(ok, delta, torch.zeros_like(delta))
                 last = step == self.steps - 1
                 self._delta = delta.detach().requires_grad_(not last)
-                adv_loss = loss_fn(forward())
                 if last:
-                    scaled(adv_loss).backward()
+                    scaled(loss_fn(forward())).backward()
                 else:
-                    grad, = torch.autograd.grad(scaled(adv_loss), self._delta)
+                    with self._local():
+                        grad, = torch.autograd.grad(scaled(loss_fn(forward())), self._delta)
             self.skipped = self.skipped.to(ok.device) + (~ok)
         finally:
             handle.remove()
@@ -579,6 +600,7 @@ class FreeLB:
                  pad_token_id: int | None = None):
         inner = getattr(model, "module", model)
         self.embedding = inner.get_input_embeddings()
+        self._ddp = model if hasattr(model, "no_sync") else None
         if pad_token_id is None:
             config = getattr(inner, "config", None) or getattr(getattr(inner, "backbone", None), "config", None)
             pad_token_id = getattr(config, "pad_token_id", None)
@@ -586,6 +608,10 @@ class FreeLB:
         self.steps, self.lr, self.init_mag, self.max_norm = steps, lr, init_mag, max_norm
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._mask = None
+
+    def _local(self):
+        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     def _hook(self, module, inputs, output):
         if self._delta is None:  # clean pass: remember which positions are real tokens
@@ -607,9 +633,9 @@ class FreeLB:
 
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            out = forward()
-            loss = loss_fn(out)
-            scaled(loss).backward()
+            with self._local():
+                loss = loss_fn(forward())
+                scaled(loss).backward()
             mask = self._mask
             lengths = mask.flatten(1).sum(1).view(-1, *[1] * (mask.dim() - 1))
             hidden = self.embedding.weight.shape[-1]
@@ -618,7 +644,8 @@ class FreeLB:
             ok = torch.ones((), dtype=torch.bool, device=delta.device)
             for step in range(self.steps):
                 self._delta = delta.requires_grad_()
-                scaled(loss_fn(forward()) / self.steps).backward()
+                with self._local() if step < self.steps - 1 else contextlib.nullcontext():
+                    scaled(loss_fn(forward()) / self.steps).backward()
                 if step < self.steps - 1:
                     grad = self._delta.grad.float()
                     norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.dim() - 1))
@@ -652,8 +679,13 @@ class AWP:
         self.params = [p for n, p in inner.named_parameters() if p.requires_grad and param_filter in n]
         if not self.params:
             raise ValueError(f"AWP found no trainable parameter whose name contains {param_filter!r}")
+        self._ddp = model if hasattr(model, "no_sync") else None
         self.adv_lr, self.adv_eps = adv_lr, adv_eps
         self.skipped = torch.zeros((), dtype=torch.long)
+
+    def _local(self):
+        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @torch.no_grad()
     def _perturb(self, params, grads):
@@ -679,14 +711,19 @@ class AWP:
         grads = [None] * len(self.params)
         hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g)) for i, p in enumerate(self.params)]
         try:
-            loss = loss_fn(forward())
-            scaled(loss).backward()
+            with self._local():
+                loss = loss_fn(forward())
+                scaled(loss).backward()
         finally:
             for h in hooks:
                 h.remove()
         hit = [i for i, g in enumerate(grads) if g is not None]
-        params = [self.params[i] for i in hit]
-        backup = self._perturb(params, [grads[i] for i in hit])
+        params, grads = [self.params[i] for i in hit], [grads[i] for i in hit]
+        if self._ddp is not None and torch.distributed.is_initialized():  # the all-ranks gradient, in one call
+            flat = torch.cat([g.reshape(-1) for g in grads]) / torch.distributed.get_world_size()
+            torch.distributed.all_reduce(flat)
+            grads = [x.view_as(g) for x, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        backup = self._perturb(params, grads)
         del grads
         try:
             scaled(loss_fn(forward())).backward()
@@ -730,8 +767,13 @@ class SiFT:
                 raise ValueError(f"SiFT: no module named {module!r} in {type(inner).__name__}")
             module = named[module]
         self.module, self.alpha, self.init, self.lr = module, alpha, init, lr
+        self._ddp = model if hasattr(model, "no_sync") else None
         self.skipped = torch.zeros((), dtype=torch.long)
         self._clean = self._delta = None
+
+    def _local(self):
+        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+        return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def symmetric_kl(logits, target):
@@ -744,7 +786,10 @@ class SiFT:
         if self._delta is None:  # clean pass: normalise and remember
             self._clean = F.layer_norm(x.float(), x.shape[-1:], eps=1e-7)
             return (self._clean.to(x.dtype),) + args[1:]
-        return ((self._clean.detach() + self._delta).to(x.dtype),) + args[1:]
+        perturbed = (self._clean.detach() + self._delta).to(x.dtype)
+        if self._ddp is not None:  # a zero gradient for the layers below, which DDP's reducer waits for
+            perturbed = perturbed + 0 * x
+        return (perturbed,) + args[1:]
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
         def scaled(x):
@@ -752,19 +797,21 @@ class SiFT:
 
         handle = self.module.register_forward_pre_hook(self._hook)
         try:
-            out = forward()
-            target = getattr(out, "logits", out).detach()
-            if target.shape[-1] < 2:
-                raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
-                                 "logit is always 0 (use FGM or AWP for regression)")
-            loss = loss_fn(out)
-            scaled(loss).backward()
+            with self._local():
+                out = forward()
+                target = getattr(out, "logits", out).detach()
+                if target.shape[-1] < 2:
+                    raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
+                                     "logit is always 0 (use FGM or AWP for regression)")
+                loss = loss_fn(out)
+                scaled(loss).backward()
             noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
             delta = noise.clamp(-2 * self.init, 2 * self.init)
             self._delta = delta.requires_grad_()
-            out = forward()
-            kl = self.symmetric_kl(getattr(out, "logits", out), target)
-            grad, = torch.autograd.grad(scaled(kl), self._delta)
+            with self._local():
+                out = forward()
+                kl = self.symmetric_kl(getattr(out, "logits", out), target)
+                grad, = torch.autograd.grad(scaled(kl), self._delta)
             ok = torch.isfinite(grad).all()
             self.skipped = self.skipped.to(ok.device) + (~ok)
             moved = delta.detach() + self.lr * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
@@ -800,6 +847,25 @@ def make_attack(cfg: Config, model):
 # ---------------------------------------------------------------------------------------------
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def init_distributed() -> bool:
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1): NCCL with one GPU per
+    process, gloo on CPU. Returns whether this call started it (and so should end it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -808,6 +874,8 @@ def seed_everything(seed: int):
 
 
 def resolve_device(name: str) -> torch.device:
+    if world_size() > 1 and torch.cuda.is_available():  # torchrun: this process's own GPU
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -911,14 +979,17 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
     pin = device.type == "cuda"
     pad_to = Collator(pad_id, cfg.max_len if cfg.pad_to_max else None)
     loader = make_loader(*train_data, cfg.batch_size, True, pad_to, cfg.seed, cfg.group_by_length,
-                         cfg.num_workers, pin)
+                         cfg.num_workers, pin, rank(), world_size())
     steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
     optimizer = build_optimizer(model, cfg, device)
     scheduler = build_scheduler(optimizer, cfg.scheduler, int(cfg.warmup * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    attack, plain = make_attack(cfg, model), Baseline()
-    forward_model = maybe_compile(model, cfg.compile)
+    wrapped = model
+    if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    attack, plain = make_attack(cfg, wrapped), Baseline(wrapped)
+    forward_model = maybe_compile(wrapped, cfg.compile)
     history, best, best_state, adv_started = [], None, None, None
     train_seconds, samples = 0.0, 0
 
@@ -927,8 +998,8 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
         model.train()
         loss_sum, n_batches, adv_steps = torch.zeros((), device=device), 0, 0
         start = time.perf_counter()
-        bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                   disable=not cfg.progress or rank() > 0, dynamic_ncols=True)
         for i, (batch, labels) in enumerate(bar):
             if i % cfg.grad_accum == 0:
                 step = epoch * steps_per_epoch + i // cfg.grad_accum
@@ -939,11 +1010,13 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
                     adv_started = {"epoch": round(step / steps_per_epoch, 4), "step": step}
                     log.info(f"{name}adversarial training ({cfg.method}) on from epoch "
                              f"{adv_started['epoch']:.2f} (optimizer step {step})")
-            loss = micro_step(attack if active else plain, forward_model, batch, labels, device, amp_dtype, scaler,
-                              cfg.grad_accum)
+            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
+            with wrapped.no_sync() if wrapped is not model and not last_micro else contextlib.nullcontext():
+                loss = micro_step(attack if active else plain, forward_model, batch, labels, device, amp_dtype,
+                                  scaler, cfg.grad_accum)
             loss_sum += loss
             n_batches += 1
-            if (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader):
+            if last_micro:
                 optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
             if cfg.progress and i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -1092,19 +1165,28 @@ def __getattr__(name):
 
 @torch.no_grad()
 def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
-    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host."""
+    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host.
+    Under data-parallel training each rank predicts every world_size-th text and all ranks receive
+    the gathered whole, each text exactly once."""
     model.eval()
-    order = np.argsort([len(x) for x in ids], kind="stable")
+    shard = np.arange(len(ids))[rank()::world_size()]
+    order = shard[np.argsort([len(ids[i]) for i in shard], kind="stable")]
     collate = Collator(pad_id)
     chunks = []
-    for start in range(0, len(ids), batch_size):
+    for start in range(0, len(order), batch_size):
         batch, _ = collate([(ids[i], 0) for i in order[start:start + batch_size]])
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(device, amp_dtype):
             logits = model(**batch)
         chunks.append(torch.softmax(getattr(logits, "logits", logits).float(), -1))
-    probs = np.empty((len(ids), chunks[0].shape[-1]), dtype=np.float32)
-    probs[order] = torch.cat(chunks).cpu().numpy()
+    local = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 2), dtype=np.float32)
+    parts = [(order, local)]
+    if world_size() > 1:
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, (order, local))
+    probs = np.empty((len(ids), parts[0][1].shape[-1]), dtype=np.float32)
+    for rows, values in parts:
+        probs[rows] = values
     return probs
 
 
@@ -1157,22 +1239,26 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(path: str, overwrite: bool) -> Path:
+def prepare_output_dir(path: str, overwrite: bool, create: bool = True) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a folder with --output-dir.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} already holds files from an earlier run: pass --overwrite to replace them, "
                         "or choose another --output-dir.")
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 @contextlib.contextmanager
-def logging_to(logfile: Path):
-    """Log lines go to stdout and to logfile for the duration of a run."""
-    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(logfile, mode="w", encoding="utf-8")]
-    handlers[1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+def logging_to(logfile: Path | None):
+    """Log lines go to stdout and to logfile for the duration of a run (nowhere when logfile is None)."""
+    if logfile is None:
+        handlers = [logging.NullHandler()]
+    else:
+        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(logfile, mode="w", encoding="utf-8")]
+        handlers[1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.setLevel(logging.INFO)
     log.propagate = False
     for h in handlers:
@@ -1198,10 +1284,22 @@ def describe_device(device: torch.device) -> str:
 
 def run(cfg: Config) -> dict:
     """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and
-    model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json)."""
-    out = prepare_output_dir(cfg.output_dir, cfg.overwrite)
-    with logging_to(out / "train.log"):
-        return _run(cfg, out)
+    model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json).
+    Under torchrun every process trains its share; rank 0 alone logs and writes."""
+    started_group = init_distributed()
+    try:
+        out = prepare_output_dir(cfg.output_dir, cfg.overwrite, create=False)
+        if world_size() > 1:
+            dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+        if rank() > 0:
+            with logging_to(None):
+                return _run(cfg, out)
+        out.mkdir(parents=True, exist_ok=True)
+        with logging_to(out / "train.log"):
+            return _run(cfg, out)
+    finally:
+        if started_group:
+            dist.destroy_process_group()
 
 
 def _run(cfg: Config, out: Path) -> dict:
@@ -1253,7 +1351,7 @@ def _run(cfg: Config, out: Path) -> dict:
                 oof_rows.append(pd.DataFrame({"id": train_df["id"].to_numpy()[rows], "target": targets[rows],
                                               "prob": probs[:, 1], "split": part, "fold": k}))
         test_probs += predict_proba(model, test_ids, cfg.eval_batch_size, pad_id, device, amp_dtype) / len(folds)
-        if cfg.save_model:
+        if cfg.save_model and rank() == 0:
             path = out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt")
             atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
         fold_results.append(result)
@@ -1264,13 +1362,6 @@ def _run(cfg: Config, out: Path) -> dict:
     final = binary_metrics(scored["target"], (scored["prob"] > 0.5).astype(int))
     log.info(f"{'holdout' if cfg.split == 'holdout' else 'out-of-fold'}: accuracy {final['accuracy']:.4f} "
              f"f1 {final['f1']:.4f}")
-
-    test_pred = test_probs.argmax(1)
-    by_id = pd.Series(test_pred, index=test_df["id"].to_numpy())
-    write_submission(out / "submission.csv", order, by_id.loc[order].to_numpy(), order)
-    probs_df = pd.DataFrame({"id": order, "prob": pd.Series(test_probs[:, 1], index=test_df["id"]).loc[order].values})
-    atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
-    atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
 
     train_seconds = sum(r["train_seconds"] for r in fold_results)
     epochs = [dict(row, fold=k) if len(folds) > 1 else row
@@ -1287,7 +1378,8 @@ def _run(cfg: Config, out: Path) -> dict:
         "attack_skips": sum(r["attack_skips"] for r in fold_results),
         "adv_started_at": [r["adv_started_at"] for r in fold_results] if len(folds) > 1
         else fold_results[0]["adv_started_at"],
-        "device": describe_device(device),
+        "device": describe_device(device) if world_size() == 1 else f"{world_size()} x {describe_device(device)}",
+        "world_size": world_size(),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "data": {"dir": str(data_dir), "train_rows": len(train_df), "test_rows": len(test_df),
                  "train": len(folds[0][0]), "valid": len(folds[0][1]), "holdout": len(folds[0][2]),
@@ -1295,8 +1387,15 @@ def _run(cfg: Config, out: Path) -> dict:
         "versions": versions(),
         "seconds_total": round(time.time() - started, 2),
     }
-    write_json(out / "metrics.json", metrics)
-    log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
+    if rank() == 0:
+        by_id = pd.DataFrame({"target": test_probs.argmax(1), "prob": test_probs[:, 1]},
+                             index=test_df["id"].to_numpy()).loc[order]
+        write_submission(out / "submission.csv", order, by_id["target"].to_numpy(), order)
+        probs_df = pd.DataFrame({"id": order, "prob": by_id["prob"].to_numpy()})
+        atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
+        atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
+        write_json(out / "metrics.json", metrics)
+        log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
     return metrics
 
 
@@ -1782,6 +1881,31 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+
+
+def config_to_argv(cfg: Config) -> list[str]:
+    """The `train` flags that reproduce cfg (the inverse of config_from_args)."""
+    argv = []
+    for f in dataclasses.fields(Config):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return argv
+
+
+def launch(cfg: Config, nproc: int) -> dict:
+    """Run cfg data-parallel on nproc processes with torchrun (one per GPU; gloo on CPU), streaming
+    rank 0's log, and return the run's metrics.json. What the notebooks call on Kaggle's two T4s."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(Path(__file__).resolve()), "train", *config_to_argv(cfg)]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise UserError(f"torchrun with {nproc} processes failed (exit code {proc.returncode}); the lines above "
+                        f"say why (also in {Path(cfg.output_dir) / 'train.log'}).")
+    return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
 
 
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Config:

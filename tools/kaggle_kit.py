@@ -76,8 +76,13 @@ print("advtrain", advtrain.__version__, "from", found)
 '''
 
 RUN_CELL = '''
+import torch
+
 cfg = advtrain.env_overrides(cfg)  # ADVTRAIN_<FIELD> environment variables win (the offline tests use them)
-metrics = advtrain.run(cfg)
+if USE_ALL_GPUS and torch.cuda.device_count() > 1:
+    metrics = advtrain.launch(cfg, torch.cuda.device_count())  # torchrun: one process per GPU (DDP)
+else:
+    metrics = advtrain.run(cfg)
 print("holdout:", metrics["holdout"], "| train samples/s:", metrics["train_samples_per_s"])
 pd.DataFrame(metrics["epochs"])
 '''
@@ -92,7 +97,8 @@ table
 '''
 
 
-def config_cell(method: str) -> str:
+def config_cell(method: str, multi_gpu: bool = True) -> str:
+    switch = "USE_ALL_GPUS = True  # Kaggle's two T4s: data-parallel, batch_size per GPU (effective batch doubles)\n"
     return f'''
 # The only cell to edit. Every field of advtrain.Config is listed in the README's config table.
 cfg = advtrain.Config(
@@ -105,7 +111,7 @@ cfg = advtrain.Config(
     lr=3e-5,
     adv_start=1.0,  # the attack starts after the first epoch
 )
-'''
+''' + (switch if multi_gpu else "")
 
 
 def notebook(name: str) -> dict:
@@ -115,7 +121,7 @@ def notebook(name: str) -> dict:
                               "split per seed; mean +- std, paired differences from the baseline with 95% "
                               "intervals, and plots. Results land in /kaggle/working."),
             _cell("code", IMPORT_CELL),
-            _cell("code", config_cell("baseline").replace("# The only cell to edit.",
+            _cell("code", config_cell("baseline", multi_gpu=False).replace("# The only cell to edit.",
                                                           "# The only cell to edit (with METHODS and SEEDS).")
                   + 'METHODS = "baseline,fgm,awp,sift"\nSEEDS = "42,43,44"\n'),
             _cell("code", COMPARE_RUN_CELL),

@@ -4,8 +4,9 @@ Upload it to Kaggle as a utility script and `import advtrain`, run it from the c
 (`python advtrain.py train --method awp`), or copy a single attack class into your own notebook:
 each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch.
 
-The file reads top to bottom in the order data flows:
-config -> data -> model -> attacks -> training loop -> prediction/submission -> demo -> CLI.
+The file reads top to bottom in the order data flows: config -> data -> model -> attacks ->
+training loop (and the transformers.Trainer subclass) -> prediction/submission -> a whole run ->
+comparison across seeds -> benchmark -> offline demo -> CLI.
 """
 from __future__ import annotations
 
@@ -1677,7 +1678,7 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
                       group_by_length=False)
     rows = [("seed-style (article setup)", Config(method="baseline", **seed_style)),
             ("kit, batch 8", Config(method="baseline", batch_size=8, compile=compile))]
-    rows += [(f"kit {m}", Config(method=m, **kit)) for m in methods]
+    rows += [(f"kit {m}", Config(method=m, **kit)) for m in ["baseline"] + [m for m in methods if m != "baseline"]]
     state = []
     for name, cfg in rows:
         seed_everything(0)
@@ -1731,7 +1732,7 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
         write_submission(Path(tmp) / "submission.csv", ids, probs.argmax(1), ids)
     submission_seconds = time.perf_counter() - start
 
-    kit_base = next((s for s in state if s["name"] == "kit baseline"), state[1])
+    kit_base = state[2]  # "kit baseline": every attack's step is compared with it
     table = []
     for s in state:
         step_ms = 1000 * s["seconds"] / s["steps"]

@@ -289,3 +289,21 @@ def test_each_method_learns_through_the_cli(method, data_dir, model_dirs, tmp_pa
     assert metrics["config"]["method"] == method and metrics["epochs"][0]["adv_steps"] > 0
     assert metrics["holdout"]["accuracy"] > 0.8
     assert metrics["attack_skips"] == 0
+
+
+@pytest.mark.parametrize("arch", ["roberta", "electra"])
+def test_other_encoders_work_with_every_attack(arch, data_dir, tmp_path):
+    texts = advtrain.pd.read_csv(data_dir / "train.csv")["text"]
+    folder = advtrain.make_tiny_model(tmp_path / arch, arch, texts)
+    model = advtrain.Classifier.from_pretrained(str(folder))
+    tok = advtrain.load_tokenizer(str(folder))
+    ids = advtrain.tokenize(tok, ["Forest fire near La Ronge", "pizza tonight"], 32)
+    batch, labels = advtrain.Collator(tok.pad_token_id)([(x, y) for x, y in zip(ids, [1, 0])])
+    before = snapshot(model)
+    for method in METHODS:
+        losses = []
+        step(make(method, model), model, batch, labels, losses=losses)
+        assert all(math.isfinite(v) for v in losses)
+        model.zero_grad(set_to_none=True)
+    assert_bitwise_equal(model, before)
+    no_hooks_left(model)

@@ -152,3 +152,24 @@ def test_check_submission_refuses_bad_targets():
         advtrain.check_submission(sub, [1, 2])
     with pytest.raises(advtrain.UserError, match="2 rows, but the test set has 3"):
         advtrain.check_submission(sub.assign(target=0), [1, 2, 3])
+
+
+def test_bench_quick_prints_the_table(tmp_path, data_dir):
+    out = tmp_path / "bench"
+    assert advtrain.main(["bench", "--quick", "--data-dir", str(data_dir), "--output-dir", str(out),
+                          "--device", "cpu", "--methods", "fgm,awp"]) == 0
+    result = json.loads((out / "bench.json").read_text())
+    rows = {r["row"]: r for r in result["rows"]}
+    assert set(rows) == {"seed-style (article setup)", "kit, batch 8", "kit baseline", "kit fgm", "kit awp"}
+    assert rows["kit baseline"]["step_vs_kit_baseline"] == 1.0
+    assert all(r["samples_per_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
+    assert rows["seed-style (article setup)"]["speedup_vs_seed_style"] == 1.0
+    assert result["submission_seconds"] > 0 and result["test_rows"] == 120 and "torch" in result["versions"]
+    text = (out / "bench.md").read_text()
+    assert "| kit awp | 32 | fp32 |" in text and "competition files" in text
+
+
+def test_readme_config_table_lists_every_field():
+    readme = (ROOT / "README.md").read_text()
+    for f in advtrain.dataclasses.fields(advtrain.Config):
+        assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name

@@ -139,6 +139,8 @@ def notebook(name: str) -> dict:
             _cell("code", config_cell(name)),
             _cell("code", RUN_CELL),
         ]
+    for i, cell in enumerate(cells):
+        cell["id"] = f"{name}-{i}"
     return {"cells": cells, "nbformat": 4, "nbformat_minor": 5,
             "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
                          "language_info": {"name": "python"}}}

@@ -4,11 +4,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 METHOD ?= baseline
 MSG    ?=
+METHODS ?= baseline,fgm,awp,sift
+SEEDS  ?= 42,43,44
 ARGS   ?=
 # Without an NVIDIA driver, pin the CPU build of torch (a plain `pip install torch` pulls several GB of CUDA).
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-ci.txt)
 
-.PHONY: setup demo test train notebooks data push status output submit submissions
+.PHONY: setup demo test train bench compare notebooks data push status output submit submissions
 
 setup: $(BIN)/.installed
 
@@ -25,6 +27,12 @@ test: setup  ## the test suite (CPU, offline)
 
 train: setup  ## make train METHOD=awp ARGS="--epochs 3" -> submissions/$(METHOD)/
 	$(BIN)/python advtrain.py train --method $(METHOD) --output-dir submissions/$(METHOD) $(ARGS)
+
+bench: setup  ## speed table of every method and of the article's setup -> submissions/bench/
+	$(BIN)/python advtrain.py bench $(ARGS)
+
+compare: setup  ## make compare METHODS=baseline,fgm SEEDS=42,43 ARGS="--epochs 2" -> submissions/compare/
+	$(BIN)/python advtrain.py compare --methods $(METHODS) --seeds $(SEEDS) $(ARGS)
 
 # --- Kaggle round trip (needs `pip install kaggle` and an API token; see the README) ---
 KIT := $(PYTHON) tools/kaggle_kit.py

@@ -73,7 +73,8 @@ class Config:
     # data
     use_keyword: bool = _opt(False, "prepend the keyword column to the text ('keyword: text')")
     max_len: int = _opt(0, "token limit; 0 = the longest training text, capped by the model")
-    split: str = _opt("holdout", "holdout: the article's protocol; kfold: stratified folds with OOF", ("holdout", "kfold"))
+    split: str = _opt("holdout", "holdout: the article's protocol; kfold: stratified folds with OOF",
+                      ("holdout", "kfold"))
     holdout_size: int = _opt(1500, "holdout rows (first rows after the seeded shuffle)")
     valid_size: int = _opt(1500, "validation rows (the next rows after the holdout)")
     n_folds: int = _opt(5, "folds for split=kfold")
@@ -712,8 +713,8 @@ class AWP:
         def scaled(x):
             return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
 
-        grads = [None] * len(self.params)
-        hooks = [p.register_hook(lambda g, i=i: grads.__setitem__(i, g)) for i, p in enumerate(self.params)]
+        captured = [None] * len(self.params)
+        hooks = [p.register_hook(lambda g, i=i: captured.__setitem__(i, g)) for i, p in enumerate(self.params)]
         try:
             with self._local():
                 loss = loss_fn(forward())
@@ -721,14 +722,15 @@ class AWP:
         finally:
             for h in hooks:
                 h.remove()
-        hit = [i for i, g in enumerate(grads) if g is not None]
-        params, grads = [self.params[i] for i in hit], [grads[i] for i in hit]
+        hit = [i for i, g in enumerate(captured) if g is not None]
+        params, grads = [self.params[i] for i in hit], [captured[i] for i in hit]
         if self._ddp is not None and torch.distributed.is_initialized():  # the all-ranks gradient, in one call
             flat = torch.cat([g.reshape(-1) for g in grads]) / torch.distributed.get_world_size()
             torch.distributed.all_reduce(flat)
             grads = [x.view_as(g) for x, g in zip(flat.split([g.numel() for g in grads]), grads)]
         backup = self._perturb(params, grads)
-        del grads
+        captured.clear()  # this micro-batch's gradients are not needed in the adversarial pass
+        grads.clear()
         try:
             scaled(loss_fn(forward())).backward()
         finally:
@@ -991,7 +993,8 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     wrapped = model
     if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     attack, plain = make_attack(cfg, wrapped), Baseline(wrapped)
     forward_model = maybe_compile(wrapped, cfg.compile)
     history, best, best_state, adv_started = [], None, None, None
@@ -1357,7 +1360,7 @@ def _run(cfg: Config, out: Path) -> dict:
         test_probs += predict_proba(model, test_ids, cfg.eval_batch_size, pad_id, device, amp_dtype) / len(folds)
         if cfg.save_model and rank() == 0:
             path = out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt")
-            atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+            atomic_write(path, lambda tmp, m=model: torch.save(m.state_dict(), tmp))
         fold_results.append(result)
         del model
 
@@ -1485,7 +1488,8 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
     lines = [header, "| method | seeds | valid best | holdout acc | holdout F1 |", "|---|---|---|---|---|"]
     for method in summary.index:
         lines.append(f"| {method} | {int(summary.loc[method, ('holdout_f1', 'count')])} | "
-                     f"{cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | {cell(method, 'holdout_f1')} |")
+                     f"{cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | "
+                     f"{cell(method, 'holdout_f1')} |")
     lines.append("\nmean ± standard deviation over seeds.")
     if len(diffs):
         lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
@@ -1578,7 +1582,8 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
     results = results[results["method"].isin(methods) & results["seed"].isin(seeds)].reset_index(drop=True)
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     header = (f"# advtrain comparison\n\nmodel `{cfg.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-              f"lr {cfg.lr}, attack from epoch {cfg.adv_start}, split {cfg.split}, seeds {', '.join(map(str, seeds))}.\n")
+              f"lr {cfg.lr}, attack from epoch {cfg.adv_start}, split {cfg.split}, "
+              f"seeds {', '.join(map(str, seeds))}.\n")
     text = results_markdown(results, "baseline" if "baseline" in methods else methods[0], header)
     if ensemble:
         _, _, order = load_competition(find_data_dir(cfg.data_dir))
@@ -1663,7 +1668,6 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
     """Time every method's training step, the article's setup ('seed-style') and the submission path,
     alternating the rows round by round so that drift hits them alike; print and save a markdown table."""
     dev = resolve_device(device)
-    amp_dtype = resolve_amp("auto", dev)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_texts, test_texts, source = bench_texts(data_dir)
@@ -1689,7 +1693,8 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
         optimizer = build_optimizer(model_copy, cfg, dev)
         scheduler = build_scheduler(optimizer, "constant", 0, 1)
         row_amp = resolve_amp(cfg.amp, dev)
-        loader = make_loader(train_ids, labels, cfg.batch_size, True, Collator(pad_id, longest if cfg.pad_to_max else None),
+        collator = Collator(pad_id, longest if cfg.pad_to_max else None)
+        loader = make_loader(train_ids, labels, cfg.batch_size, True, collator,
                              0, cfg.group_by_length, 0, dev.type == "cuda")
         state.append(dict(name=name, cfg=cfg, model=model_copy, forward=maybe_compile(model_copy, cfg.compile),
                           optimizer=optimizer, scheduler=scheduler, amp=row_amp,
@@ -1878,10 +1883,10 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
     for f in dataclasses.fields(Config):
         default = (defaults or {}).get(f.name, f.default)
         kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default!r})"}
-        if f.type in ("bool", bool):
+        if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            kwargs["type"] = {"int": int, "float": float, "str": str}[type(f.default).__name__]
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)

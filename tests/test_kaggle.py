@@ -1,7 +1,6 @@
 """The Kaggle kit: metadata, notebooks (executed offline), and the Make round trip against a stand-in `kaggle`."""
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys

@@ -1579,7 +1579,10 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
             print(f"compare: {method} seed {seed} -> {out}")
             run(dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True))
     results = collect_results(root)
-    results = results[results["method"].isin(methods) & results["seed"].isin(seeds)].reset_index(drop=True)
+    results = results[results["method"].isin(methods) & results["seed"].isin(seeds)]
+    rank_of = {m: i for i, m in enumerate(methods)}  # rows in the order asked for, then by seed
+    results = results.sort_values(["method", "seed"], key=lambda c: c.map(rank_of) if c.name == "method" else c)
+    results = results.reset_index(drop=True)
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     header = (f"# advtrain comparison\n\nmodel `{cfg.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, "
               f"lr {cfg.lr}, attack from epoch {cfg.adv_start}, split {cfg.split}, "

@@ -1197,6 +1197,16 @@ def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=No
     return probs
 
 
+def read_submission(path: Path) -> pd.DataFrame:
+    """A submission file as written, for check_submission to judge (no validation of its own)."""
+    if not path.is_file():
+        raise UserError(f"{path} not found: train first (make train) or fetch kernel outputs (make output).")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
+
+
 def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission") -> None:
     """Raise UserError unless sub is exactly id,target with the expected ids in order and 0/1 targets."""
     if list(sub.columns) != ["id", "target"]:
@@ -1990,21 +2000,12 @@ def main(argv=None) -> int:
             data_dir = find_data_dir(args.data_dir)
             _, test, order = load_competition(data_dir)
             path = Path(args.file)
-            if not path.is_file():
-                raise UserError(f"{path} not found: train first (make train) or fetch kernel outputs (make output).")
-            check_submission(read_csv_plain(path), order, str(path))
+            check_submission(read_submission(path), order, str(path))
             print(f"{path}: OK ({len(order)} rows, ids in the test set's order, targets 0/1)")
     except UserError as e:
         print(f"advtrain: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def read_csv_plain(path: Path) -> pd.DataFrame:
-    try:
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
 
 
 if __name__ == "__main__":

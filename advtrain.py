@@ -97,14 +97,22 @@ class Config:
                     ("auto", "bf16", "fp16", "off"))
     fused_adamw: bool = _opt(True, "fused AdamW kernel on CUDA; off: the for-loop one, as transformers.AdamW was")
     compile: bool = _opt(False, "torch.compile the model (falls back to eager if compilation fails)")
-    select_metric: str = _opt("f1", "validation metric that picks the best epoch", ("f1", "accuracy"))
+    eval_every: float = _opt(0.25, "evaluate on validation every this fraction of an epoch (<= 1) or every this "
+                             "many optimizer steps (> 1); the best evaluation's weights are kept")
+    select_metric: str = _opt("f1", "validation metric that picks the best evaluation", ("f1", "accuracy"))
+    threshold: str = _opt("auto", "decision rule for label 1: auto = the probability threshold that maximises F1 "
+                          "on validation (out-of-fold for kfold), argmax, or a probability such as 0.4")
     num_workers: int = _opt(0, "DataLoader worker processes")
     progress: bool = _opt(True, "show tqdm progress bars")
     save_model: bool = _opt(True, "save the best weights to output_dir/model.pt")
     # adversarial training: when it starts
-    adv_start: float = _opt(1.0, "epoch (fractional) from which the attack runs; the article's most important knob")
+    adv_start: str = _opt("warmup", "when the attack starts (the article's most important knob): warmup = when the "
+                          "learning-rate warm-up ends, auto = at the first evaluation that does not improve on the "
+                          "best so far, or an epoch such as 1 or 0.5")
     adv_threshold: float = _opt(0.0, "also wait until the best validation metric reaches this (0 = off)")
     # adversarial training: each method's settings
+    eps_relative: bool = _opt(True, "FGM/PGD/FreeLB sizes are in units of the mean token-embedding norm "
+                              "(so one default suits every model); off: absolute")
     fgm_eps: float = _opt(0.2, "FGM: L2 size of the embedding perturbation (per example, or per batch for vocab)")
     fgm_scope: str = _opt("example", "FGM: normalise per example (paper) or over the embedding matrix (Kaggle)",
                           ("example", "vocab"))
@@ -124,18 +132,56 @@ class Config:
     sift_module: str = _opt("", "SiFT: name of the module to perturb in front of (default: embeddings.LayerNorm)")
 
     def __post_init__(self):
+        """Apply the preset to every field still at its default, then check every setting, so that a bad
+        one fails here, before any data or model is loaded."""
+        if self.preset:
+            for f in dataclasses.fields(self):
+                if f.name in PRESETS.get(self.preset, {}) and getattr(self, f.name) == f.default:
+                    setattr(self, f.name, PRESETS[self.preset][f.name])
         for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(repr, choices))}.")
-        positive = ("epochs", "batch_size", "eval_batch_size", "grad_accum", "pgd_steps", "freelb_steps")
-        for name in positive:
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices and value not in choices:
+                raise UserError(f"{f.name}={value!r} is not one of {', '.join(map(repr, choices))}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{f.name} must be a finite number, got {value}.")
+        for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum", "pgd_steps", "freelb_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.split == "kfold" and self.n_folds < 2:
-            raise UserError(f"n_folds must be at least 2 for split=kfold, got {self.n_folds}.")
+        for name in ("seed", "num_workers", "max_len", "weight_decay", "max_grad_norm", "adv_threshold", "fgm_eps",
+                     "pgd_eps", "pgd_alpha", "freelb_lr", "freelb_init", "freelb_max_norm", "awp_lr", "awp_eps",
+                     "sift_lambda", "sift_init", "sift_lr"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.lr <= 0:
+            raise UserError(f"lr must be positive, got {self.lr} (on the command line: --lr 3e-5).")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"dropout is a probability in [0, 1), got {self.dropout}.")
         if not 0 <= self.warmup < 1:
             raise UserError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}.")
+        if self.split == "holdout" and (self.holdout_size < 1 or self.valid_size < 1):
+            raise UserError(f"holdout_size and valid_size must be at least 1 for split=holdout, got "
+                            f"{self.holdout_size} and {self.valid_size}.")
+        if self.split == "kfold" and self.n_folds < 2:
+            raise UserError(f"n_folds must be at least 2 for split=kfold, got {self.n_folds}.")
+        if self.eval_every <= 0 or (self.eval_every > 1 and self.eval_every != int(self.eval_every)):
+            raise UserError(f"eval_every is a fraction of an epoch in (0, 1] or a whole number of optimizer steps, "
+                            f"got {self.eval_every}.")
+        if self.adv_start not in ("warmup", "auto") and not _is_number(self.adv_start, minimum=0):
+            raise UserError(f"adv_start must be warmup, auto or an epoch >= 0 such as 1 or 0.5, got {self.adv_start!r}.")
+        if self.threshold not in ("auto", "argmax") and not _is_number(self.threshold, minimum=0, maximum=1):
+            raise UserError(f"threshold must be auto, argmax or a probability in [0, 1], got {self.threshold!r}.")
+        if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
+                                                               and self.device[5:].isdigit()):
+            raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+
+
+def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
+    """Whether text (a setting given as a string) is a finite number within [minimum, maximum]."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and minimum <= value <= maximum
 
 
 PRESETS = {
@@ -144,8 +190,8 @@ PRESETS = {
     "article": dict(
         epochs=5, batch_size=8, lr=2e-6, weight_decay=0.01, warmup=0.0, scheduler="cosine",
         max_grad_norm=0.0, amp="off", fused_adamw=False, pad_to_max=True, group_by_length=False,
-        dropout=0.0, select_metric="accuracy", adv_start=0.0,
-        fgm_eps=0.1, fgm_scope="vocab", awp_lr=1e-4, awp_eps=1e-4, awp_params="weight",
+        dropout=0.0, select_metric="accuracy", adv_start="0", eval_every=1.0, threshold="argmax",
+        eps_relative=False, fgm_eps=0.1, fgm_scope="vocab", awp_lr=1e-4, awp_eps=1e-4, awp_params="weight",
     ),
 }
 
@@ -350,8 +396,8 @@ class Collator:
         return {"input_ids": input_ids, "attention_mask": mask}, labels
 
 
-def make_loader(ids, labels, batch_size, shuffle, collator, seed=0, group_by_length=True, num_workers=0, pin=False,
-                rank=0, world_size=1):
+def make_loader(ids, labels, *, batch_size: int, shuffle: bool, collator, seed: int = 0, group_by_length: bool = True,
+                num_workers: int = 0, pin: bool = False, rank: int = 0, world_size: int = 1):
     labels = labels if labels is not None else [-1] * len(ids)
     dataset = list(zip(ids, labels))
     sampler = LengthGroupedBatches([len(x) for x in ids], batch_size, shuffle, seed, group_by_length, rank, world_size)
@@ -438,9 +484,14 @@ def load_tokenizer(name_or_dir: str):
 # backward itself, then its adversarial passes, so that it sees this micro-batch's gradient and
 # nothing accumulated before it; gradients of all passes add up in `.grad`. Clip and step the
 # optimizer afterwards as usual; the attack never touches the optimizer. It returns the clean loss
-# (detached). Each class below needs only torch, so it can be copied into a notebook on its own.
-# A step whose gradient is not finite (an fp16 overflow) gets no perturbation and is counted in
-# `attack.skipped` (a tensor, so that counting costs no host-device synchronisation).
+# (detached). Each class below needs only torch (torch, torch.nn.functional as F, contextlib), so it
+# can be copied into a notebook on its own; the small helpers `_local`, `_scaled` and `_norm` are
+# the same text in every class that uses them.
+# Sizes in the input space (FGM, PGD, FreeLB) are in units of the model's mean token-embedding
+# norm by default (relative=True), so one default suits MiniLM, DeBERTa-v3 and RoBERTa alike;
+# `attack.scale` is that unit, measured once when the attack is built.
+# A step whose direction comes from a gradient that is not finite (an fp16 overflow) gets no
+# perturbation and is counted in `attack.skipped` (a tensor: counting costs no host-device sync).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -452,9 +503,14 @@ class Baseline:
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
         loss = loss_fn(forward())
-        scaled = loss / accumulation_steps
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        self._scaled(loss, scaler, accumulation_steps).backward()
         return loss.detach()
+
+    @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
 
 
 class FGM:
@@ -463,21 +519,27 @@ class FGM:
     After the clean backward, the word-embedding output of the batch is shifted by
     r = eps * g / ||g|| (g: its gradient in this micro-batch) and the batch is run forward and
     backward once more. The weights are never modified, so there is nothing to restore and no
-    128k x 384 matrix to copy. scope="example" normalises each example's gradient, as in the paper;
-    scope="vocab" normalises the gradient of the embedding matrix, so every occurrence of a token
-    moves alike: the FGM of Kaggle notebooks and of the 2022 article (eps 0.1 there). Kaggle's
-    usual eps 1.0 is spread over the whole batch; per example, eps 0.2 is about the same size at
-    batch 32 (embedding rows have norm ~1 in BERT-style encoders, ~5 per tweet), hence the default.
+    vocab x hidden matrix to copy. scope="example" normalises each example's gradient, as in the
+    paper; scope="vocab" normalises the gradient of the embedding rows the batch uses, so every
+    occurrence of a token moves alike: the FGM of Kaggle notebooks and of the 2022 article (eps 0.1
+    absolute there). With relative=True eps is in units of the mean token-embedding norm (`scale`):
+    0.2 moves each tweet about as far as a fifth of one token's embedding.
 
         attack = FGM(model, eps=0.2)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
         optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, model, eps: float = 0.2, scope: str = "example"):
+    def __init__(self, model, eps: float = 0.2, scope: str = "example", relative: bool = True):
         if scope not in ("example", "vocab"):
             raise ValueError(f"FGM scope must be 'example' or 'vocab', got {scope!r}")
-        self.embedding = getattr(model, "module", model).get_input_embeddings()
+        inner = getattr(model, "module", model)
+        if not callable(getattr(inner, "get_input_embeddings", None)):
+            raise ValueError(f"FGM perturbs the output of model.get_input_embeddings(), which "
+                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
+        self.embedding = inner.get_input_embeddings()
+        with torch.no_grad():
+            self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.scope = eps, scope
         self.skipped = torch.zeros((), dtype=torch.long)
@@ -487,37 +549,49 @@ class FGM:
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
+    @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
+
+    @staticmethod
+    def _norm(x):
+        """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
+        return x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+
     def _hook(self, module, inputs, output):
         if self._delta is None:  # clean pass: a zero perturbation whose .grad is this batch's gradient
             self._ids, self._delta = inputs[0], torch.zeros_like(output, requires_grad=True)
         return output + self._delta.to(output.dtype)
 
     def perturbation(self, grad: torch.Tensor) -> torch.Tensor:
-        """r = eps * g / ||g||, or zeros when g is not finite."""
+        """r = eps * scale * g / ||g||, or zeros when g is not finite. For scope="vocab" the norm is
+        taken over the gradient of the embedding rows that this batch's tokens use, one row each."""
         g = grad.float()
         if self.scope == "vocab":
-            ids = self._ids.reshape(-1)
-            per_token = g.new_zeros(self.embedding.weight.shape[0], g.shape[-1]).index_add_(0, ids, g.flatten(0, -2))
-            norm = per_token.norm()
-            g = per_token[ids].view_as(g)
+            rows, where = torch.unique(self._ids.reshape(-1), return_inverse=True)
+            per_row = g.new_zeros(len(rows), g.shape[-1]).index_add_(0, where, g.flatten(0, -2))
+            norm = per_row.norm()
+            g = per_row[where].view_as(g)
         else:
-            norm = g.flatten(1).norm(dim=1).view(-1, *[1] * (g.dim() - 1))
+            norm = self._norm(g)
         ok = torch.isfinite(norm).all()
         self.skipped = self.skipped.to(ok.device) + (~ok)
-        r = self.eps * g / norm.clamp_min(1e-12)
+        r = (self.eps * self.scale) * g / norm.clamp_min(1e-12)
         return torch.where(ok, r, torch.zeros_like(r))
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
-        def scaled(x):
-            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
-
         handle = self.embedding.register_forward_hook(self._hook)
         try:
             with self._local():
                 loss = loss_fn(forward())
-                scaled(loss).backward()
+                self._scaled(loss, scaler, accumulation_steps).backward()
+            if self._delta is None or self._delta.grad is None:
+                raise RuntimeError("FGM: the forward pass never used model.get_input_embeddings() on input ids "
+                                   "(fed inputs_embeds?): call the model with input_ids")
             self._delta = self.perturbation(self._delta.grad)
-            scaled(loss_fn(forward())).backward()
+            self._scaled(loss_fn(forward()), scaler, accumulation_steps).backward()
         finally:
             handle.remove()
             self._delta = self._ids = None
@@ -529,17 +603,22 @@ class PGD:
     Zhu et al. 2020). K ascent steps of size alpha, each projected back into the L2 ball of radius
     eps around the clean embeddings (per example). The first K-1 adversarial passes only compute
     the gradient of the perturbation (torch.autograd.grad), so the parameters' gradients are the
-    clean one plus the last adversarial one, with no gradient backup to get wrong. Kaggle's usual
-    eps 1, alpha 0.3, K 3 normalise over the whole embedding matrix; per example (as here) the
-    same size at batch 32 is about eps 0.2, alpha 0.06 (see FGM).
+    clean one plus the last adversarial one, with no gradient backup to get wrong. With
+    relative=True eps and alpha are in units of the mean token-embedding norm (see FGM).
 
         attack = PGD(model, eps=0.2, alpha=0.06, steps=3)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
         optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, model, eps: float = 0.2, alpha: float = 0.06, steps: int = 3):
-        self.embedding = getattr(model, "module", model).get_input_embeddings()
+    def __init__(self, model, eps: float = 0.2, alpha: float = 0.06, steps: int = 3, relative: bool = True):
+        inner = getattr(model, "module", model)
+        if not callable(getattr(inner, "get_input_embeddings", None)):
+            raise ValueError(f"PGD perturbs the output of model.get_input_embeddings(), which "
+                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
+        self.embedding = inner.get_input_embeddings()
+        with torch.no_grad():
+            self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.skipped = torch.zeros((), dtype=torch.long)
@@ -549,38 +628,47 @@ class PGD:
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
+    @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
+
+    @staticmethod
+    def _norm(x):
+        """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
+        return x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+
     def _hook(self, module, inputs, output):
         if self._delta is None:
             self._delta = torch.zeros_like(output, requires_grad=True)
         return output + self._delta.to(output.dtype)
 
-    @staticmethod
-    def _norm(x):
-        return x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
-
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
-        def scaled(x):
-            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
-
+        eps, alpha = self.eps * self.scale, self.alpha * self.scale
         handle = self.embedding.register_forward_hook(self._hook)
         try:
             with self._local():
                 loss = loss_fn(forward())
-                scaled(loss).backward()
+                self._scaled(loss, scaler, accumulation_steps).backward()
+            if self._delta is None or self._delta.grad is None:
+                raise RuntimeError("PGD: the forward pass never used model.get_input_embeddings() on input ids "
+                                   "(fed inputs_embeds?): call the model with input_ids")
             grad, delta, ok = self._delta.grad, self._delta.detach(), torch.ones((), dtype=torch.bool)
             for step in range(self.steps):
                 norm = self._norm(grad.float())
                 ok = ok.to(norm.device) & torch.isfinite(norm).all()
-                delta = delta + self.alpha * grad.float() / norm.clamp_min(1e-12)
-                delta = delta * (self.eps / self._norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+                delta = delta + alpha * grad.float() / norm.clamp_min(1e-12)
+                delta = delta * (eps / self._norm(delta).clamp_min(1e-12)).clamp(max=1.0)
                 delta = torch.where(ok, delta, torch.zeros_like(delta))
                 last = step == self.steps - 1
                 self._delta = delta.detach().requires_grad_(not last)
                 if last:
-                    scaled(loss_fn(forward())).backward()
+                    self._scaled(loss_fn(forward()), scaler, accumulation_steps).backward()
                 else:
                     with self._local():
-                        grad, = torch.autograd.grad(scaled(loss_fn(forward())), self._delta)
+                        grad, = torch.autograd.grad(self._scaled(loss_fn(forward()), scaler, accumulation_steps),
+                                                    self._delta)
             self.skipped = self.skipped.to(ok.device) + (~ok)
         finally:
             handle.remove()
@@ -594,7 +682,8 @@ class FreeLB:
     training), on top of the clean loss (without it FreeLB can fall below the baseline). The
     perturbation starts uniform, masked to real tokens and scaled by init_mag / sqrt(len * hidden);
     each step moves it by lr * g / ||g|| per example and, if max_norm > 0, projects it back into
-    that L2 ball.
+    that L2 ball. With relative=True lr, init_mag and max_norm are in units of the mean
+    token-embedding norm (see FGM). If the clean pass's gradient is not finite, no perturbation.
 
         attack = FreeLB(model, steps=3, lr=0.1, init_mag=0.1)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
@@ -602,9 +691,14 @@ class FreeLB:
     """
 
     def __init__(self, model, steps: int = 3, lr: float = 0.1, init_mag: float = 0.1, max_norm: float = 0.0,
-                 pad_token_id: int | None = None):
+                 pad_token_id: int | None = None, relative: bool = True):
         inner = getattr(model, "module", model)
+        if not callable(getattr(inner, "get_input_embeddings", None)):
+            raise ValueError(f"FreeLB perturbs the output of model.get_input_embeddings(), which "
+                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
         self.embedding = inner.get_input_embeddings()
+        with torch.no_grad():
+            self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
         if pad_token_id is None:
             config = getattr(inner, "config", None) or getattr(getattr(inner, "backbone", None), "config", None)
@@ -618,45 +712,56 @@ class FreeLB:
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
+    @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
+
+    @staticmethod
+    def _norm(x):
+        """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
+        return x.flatten(1).norm(dim=1).view(-1, *[1] * (x.dim() - 1))
+
     def _hook(self, module, inputs, output):
-        if self._delta is None:  # clean pass: remember which positions are real tokens
+        if self._delta is None:  # clean pass: which positions are real tokens, and a zero probe of the gradient
             ids = inputs[0]
             keep = ids != self.pad_token_id if self.pad_token_id is not None else torch.ones_like(ids, dtype=torch.bool)
             self._mask = keep.unsqueeze(-1).to(torch.float32)
-            return output
+            self._delta = torch.zeros_like(output, requires_grad=True)
         return output + self._delta.to(output.dtype)
 
     def _project(self, delta):
         if self.max_norm <= 0:
             return delta
-        norm = delta.flatten(1).norm(dim=1).view(-1, *[1] * (delta.dim() - 1))
-        return delta * (self.max_norm / norm.clamp_min(1e-12)).clamp(max=1.0)
+        return delta * (self.max_norm * self.scale / self._norm(delta).clamp_min(1e-12)).clamp(max=1.0)
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
-        def scaled(x):
-            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
-
         handle = self.embedding.register_forward_hook(self._hook)
         try:
             with self._local():
                 loss = loss_fn(forward())
-                scaled(loss).backward()
+                self._scaled(loss, scaler, accumulation_steps).backward()
+            if self._delta is None or self._delta.grad is None:
+                raise RuntimeError("FreeLB: the forward pass never used model.get_input_embeddings() on input ids "
+                                   "(fed inputs_embeds?): call the model with input_ids")
+            ok = torch.isfinite(self._norm(self._delta.grad.float())).all()
             mask = self._mask
             lengths = mask.flatten(1).sum(1).view(-1, *[1] * (mask.dim() - 1))
-            hidden = self.embedding.weight.shape[-1]
+            hidden = self._delta.shape[-1]
             delta = (torch.rand(*mask.shape[:-1], hidden, device=mask.device) * 2 - 1) * mask
-            delta = self._project(delta * self.init_mag / (lengths * hidden).sqrt())
-            ok = torch.ones((), dtype=torch.bool, device=delta.device)
+            delta = self._project(delta * (self.init_mag * self.scale) / (lengths * hidden).sqrt())
+            delta = torch.where(ok, delta, torch.zeros_like(delta))
             for step in range(self.steps):
                 self._delta = delta.requires_grad_()
                 with self._local() if step < self.steps - 1 else contextlib.nullcontext():
-                    scaled(loss_fn(forward()) / self.steps).backward()
+                    self._scaled(loss_fn(forward()) / self.steps, scaler, accumulation_steps).backward()
                 if step < self.steps - 1:
                     grad = self._delta.grad.float()
-                    norm = grad.flatten(1).norm(dim=1).view(-1, *[1] * (grad.dim() - 1))
+                    norm = self._norm(grad)
                     ok = ok & torch.isfinite(norm).all()
-                    moved = self._project(delta.detach() + self.lr * grad / norm.clamp_min(1e-12))
-                    delta = torch.where(ok, moved, delta.detach())
+                    moved = self._project(delta.detach() + (self.lr * self.scale) * grad / norm.clamp_min(1e-12))
+                    delta = torch.where(ok, moved, torch.zeros_like(moved))
             self.skipped = self.skipped.to(ok.device) + (~ok)
         finally:
             handle.remove()
@@ -669,10 +774,12 @@ class AWP:
     solutions use (Feedback Prize 2021 1st place and after): after the clean backward, each chosen
     weight w with this micro-batch's gradient g moves by adv_lr * g / ||g|| * ||w||, clamped to
     [w0 - adv_eps*|w0|, w0 + adv_eps*|w0|]; the batch is run forward and backward on the perturbed
-    weights; then every weight is copied back bit for bit from the single backup. The gradient of
-    this micro-batch is read by tensor hooks during the clean backward, so gradient accumulation
-    never leaks earlier micro-batches into the direction. Norms are computed with foreach kernels
-    and stay on the device: no host synchronisation per parameter.
+    weights; then every weight is copied back bit for bit from the single backup, taken before the
+    first weight moves, so that a failure anywhere (even half-way through the perturbation) leaves
+    the weights as they were. Sizes are relative to each weight already. The gradient of this
+    micro-batch is read by tensor hooks during the clean backward, so gradient accumulation never
+    leaks earlier micro-batches into the direction. Norms stay on the device: no host sync per
+    parameter.
 
         attack = AWP(model, adv_lr=1.0, adv_eps=0.01)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
@@ -692,12 +799,17 @@ class AWP:
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
+    @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
+
     @torch.no_grad()
-    def _perturb(self, params, grads):
-        """Move params in place and return their backup (the one extra copy)."""
-        backup = [p.detach().clone() for p in params]
-        g_norm = torch.stack(torch._foreach_norm(grads)).float()
-        w_norm = torch.stack(torch._foreach_norm(backup)).float()
+    def _perturb(self, params, grads, backup):
+        """Move params in place, each within adv_eps * |w0| of its backup w0."""
+        g_norm = torch.stack([g.float().norm() for g in grads])
+        w_norm = torch.stack([w.float().norm() for w in backup])
         ok = torch.isfinite(g_norm).all()
         self.skipped = self.skipped.to(ok.device) + (~ok)
         scale = torch.where(ok, self.adv_lr * w_norm / g_norm.clamp_min(1e-12), torch.zeros_like(g_norm))
@@ -707,32 +819,29 @@ class AWP:
             torch.minimum(step, bound, out=step)
             torch.maximum(step, bound.neg_(), out=step)
             p.add_(step.to(p.dtype))
-        return backup
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
-        def scaled(x):
-            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
-
         captured = [None] * len(self.params)
         hooks = [p.register_hook(lambda g, i=i: captured.__setitem__(i, g)) for i, p in enumerate(self.params)]
         try:
             with self._local():
                 loss = loss_fn(forward())
-                scaled(loss).backward()
+                self._scaled(loss, scaler, accumulation_steps).backward()
         finally:
             for h in hooks:
                 h.remove()
         hit = [i for i, g in enumerate(captured) if g is not None]
         params, grads = [self.params[i] for i in hit], [captured[i] for i in hit]
+        captured.clear()
         if self._ddp is not None and torch.distributed.is_initialized():  # the all-ranks gradient, in one call
             flat = torch.cat([g.reshape(-1) for g in grads]) / torch.distributed.get_world_size()
             torch.distributed.all_reduce(flat)
             grads = [x.view_as(g) for x, g in zip(flat.split([g.numel() for g in grads]), grads)]
-        backup = self._perturb(params, grads)
-        captured.clear()  # this micro-batch's gradients are not needed in the adversarial pass
-        grads.clear()
+        backup = [p.detach().clone() for p in params]
         try:
-            scaled(loss_fn(forward())).backward()
+            self._perturb(params, grads, backup)
+            grads.clear()  # this micro-batch's gradients are not needed in the adversarial pass
+            self._scaled(loss_fn(forward()), scaler, accumulation_steps).backward()
         finally:
             with torch.no_grad():
                 for p, w0 in zip(params, backup):
@@ -741,17 +850,20 @@ class AWP:
 
 
 class SiFT:
-    """Scale-invariant fine-tuning (He et al. 2021, DeBERTa, arXiv:2006.03654), callable like the others.
+    """Scale-invariant fine-tuning (He et al. 2021, DeBERTa, arXiv:2006.03654) as DeBERTa's own
+    `DeBERTa/sift/sift.py` defines it, callable like the others.
 
     A parameter-free LayerNorm (eps 1e-7) is put in front of the embeddings' LayerNorm for the
     duration of the call, so the perturbation lives on normalised embeddings whatever their scale.
-    The clean pass caches those normalised embeddings. Then delta ~ N(0, init) clamped to +-2*init
-    takes one ascent step on the symmetric KL between perturbed and clean predictions,
-    delta += lr * g / max|g| (per token; gradient w.r.t. delta only, via autograd.grad, so the
-    parameters are never frozen and nothing must be restored), and the perturbed pass adds
-    alpha * symmetric KL(perturbed, clean) to the gradients. As in SMART, the clean predictions are
-    the fixed target. Defaults are DeBERTa's (init 1e-2, lr 1e-4; alpha 3 for xsmall, 5 for larger).
-    Needs a head with at least two logits (the KL of one logit is always zero).
+    After the clean forward, delta ~ N(0, init^2) clamped to +-2*init takes one ascent step,
+    delta += lr * g / (1e-6 + max|g|) per token, where g is the gradient w.r.t. delta alone of
+    sum over rows of CE(p_clean, q_perturbed) with the clean predictions fixed (the step is the
+    same at any batch size, accumulation or fp16 loss scale). The perturbed forward then adds
+    alpha * symmetric KL(perturbed, clean), row mean, to the task loss, and one backward runs
+    through both passes: as in DeBERTa, one direction of the KL flows into the perturbed
+    predictions, the other into the clean ones. `last_kl` holds the symmetric KL itself (no
+    entropy terms). Defaults are DeBERTa's: init 1e-2, lr 1e-4, alpha (its vat_lambda) 3 for
+    deberta-v3-xsmall, 5 for larger. Needs a head with at least two logits.
 
         attack = SiFT(model, alpha=3.0)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
@@ -775,6 +887,7 @@ class SiFT:
         self.module, self.alpha, self.init, self.lr = module, alpha, init, lr
         self._ddp = model if hasattr(model, "no_sync") else None
         self.skipped = torch.zeros((), dtype=torch.long)
+        self.last_kl = torch.zeros(())
         self._clean = self._delta = None
 
     def _local(self):
@@ -782,49 +895,58 @@ class SiFT:
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
+    def _scaled(loss, scaler, accumulation_steps):
+        """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
+        loss = loss / accumulation_steps
+        return scaler.scale(loss) if scaler is not None else loss
+
+    @staticmethod
     def symmetric_kl(logits, target):
-        """KL(p||q) + KL(q||p) averaged over rows: >= 0, and 0 exactly when the predictions agree."""
-        lp, lq = F.log_softmax(logits.float(), -1), F.log_softmax(target.float(), -1)
-        return ((lp.exp() - lq.exp()) * (lp - lq)).sum(-1).mean()
+        """KL(p||q) + KL(q||p) per row (p: softmax of target, q: of logits), with DeBERTa's gradient:
+        the probability factors are constants, so one direction flows through log q, the other through
+        log p (detach target to keep it fixed). Its value is the KL itself, >= 0 and 0 when p == q."""
+        lq = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), -1)
+        lp = F.log_softmax(target.float().reshape(-1, target.shape[-1]), -1)
+        p, q = lp.exp().detach(), lq.exp().detach()
+        return (p * (lp.detach() - lq)).sum(-1) + (q * (lq.detach() - lp)).sum(-1)
 
     def _hook(self, module, args):
         x = args[0]
         if self._delta is None:  # clean pass: normalise and remember
             self._clean = F.layer_norm(x.float(), x.shape[-1:], eps=1e-7)
             return (self._clean.to(x.dtype),) + args[1:]
-        perturbed = (self._clean.detach() + self._delta).to(x.dtype)
-        if self._ddp is not None:  # a zero gradient for the layers below, which DDP's reducer waits for
-            perturbed = perturbed + 0 * x
-        return (perturbed,) + args[1:]
+        return ((self._clean.detach() + self._delta).to(x.dtype),) + args[1:]
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
-        def scaled(x):
-            return scaler.scale(x / accumulation_steps) if scaler is not None else x / accumulation_steps
-
         handle = self.module.register_forward_pre_hook(self._hook)
         try:
             with self._local():
                 out = forward()
-                target = getattr(out, "logits", out).detach()
-                if target.shape[-1] < 2:
-                    raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
-                                     "logit is always 0 (use FGM or AWP for regression)")
-                loss = loss_fn(out)
-                scaled(loss).backward()
+            logits = getattr(out, "logits", out)
+            if logits.shape[-1] < 2:
+                raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
+                                 "logit is always 0 (use FGM or AWP for regression)")
+            if self._clean is None:
+                raise RuntimeError("SiFT: the forward pass never reached the module it perturbs in front of "
+                                   f"({type(self.module).__name__}): pass module= the LayerNorm after the embeddings")
+            loss = loss_fn(out)
             noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
             delta = noise.clamp(-2 * self.init, 2 * self.init)
             self._delta = delta.requires_grad_()
             with self._local():
-                out = forward()
-                kl = self.symmetric_kl(getattr(out, "logits", out), target)
-                grad, = torch.autograd.grad(scaled(kl), self._delta)
+                adv = forward()
+                ascent = self.symmetric_kl(getattr(adv, "logits", adv), logits.detach()).sum()
+                unit = scaler.get_scale() if scaler is not None else 1.0  # avoids fp16 underflow, then undone
+                grad, = torch.autograd.grad(ascent * unit, self._delta)
+            grad = grad / unit
             ok = torch.isfinite(grad).all()
             self.skipped = self.skipped.to(ok.device) + (~ok)
             moved = delta.detach() + self.lr * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
-            self._delta = torch.where(ok, moved, delta.detach())
+            self._delta = torch.where(ok, moved, torch.zeros_like(moved))
             out = forward()
-            adv = self.alpha * self.symmetric_kl(getattr(out, "logits", out), target)
-            scaled(adv).backward()
+            kl = self.symmetric_kl(getattr(out, "logits", out), logits).mean()
+            self.last_kl = kl.detach()
+            self._scaled(loss + self.alpha * kl, scaler, accumulation_steps).backward()
         finally:
             handle.remove()
             self._clean = self._delta = None
@@ -941,21 +1063,72 @@ def optimizer_step(model, optimizer, scheduler, scaler, max_grad_norm: float):
     optimizer.zero_grad(set_to_none=True)
 
 
-def adversarial_gate(cfg: Config, epoch_progress: float, best_metric: float | None) -> bool:
-    """Whether the attack runs at this point: from epoch adv_start on and, with adv_threshold > 0,
-    once the best validation metric so far has reached it."""
-    if cfg.method == "baseline" or epoch_progress < cfg.adv_start:
-        return False
-    return cfg.adv_threshold <= 0 or (best_metric is not None and best_metric >= cfg.adv_threshold)
+class AttackGate:
+    """When the attack runs, decided before each optimizer step. adv_start: "warmup" (from the step
+    the learning-rate warm-up ends: attacking a freshly initialised head is where FreeLB's early
+    NaNs and AWP's early collapse come from, and an attack that starts late is never selected
+    because the unattacked checkpoints before it score as well), "auto" (from the first evaluation
+    that does not improve on the best so far: the attack as a push once plain training stalls), or
+    an epoch (fractional). adv_threshold > 0 also waits until the best validation metric reaches it."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, warmup_steps: int):
+        self.enabled, self.threshold, self.auto = cfg.method != "baseline", cfg.adv_threshold, cfg.adv_start == "auto"
+        if self.auto:
+            self.start = None
+        elif cfg.adv_start == "warmup":
+            self.start = warmup_steps
+        else:
+            self.start = math.ceil(round(float(cfg.adv_start) * steps_per_epoch, 6))
+        self.best = None
+
+    def observe(self, metric: float, step: int):
+        """Record an evaluation made after `step` optimizer steps."""
+        if self.auto and self.start is None and self.best is not None and metric <= self.best:
+            self.start = step
+        self.best = metric if self.best is None else max(self.best, metric)
+
+    def on(self, step: int) -> bool:
+        """Whether optimizer step `step` (counted from 0) runs the attack."""
+        if not self.enabled or self.start is None or step < self.start:
+            return False
+        return self.threshold <= 0 or (self.best is not None and self.best >= self.threshold)
+
+
+def evaluation_steps(eval_every: float, steps_per_epoch: int, epochs: int) -> list[int]:
+    """The optimizer steps (counted from 1) after which to evaluate: every eval_every of an epoch
+    (eval_every <= 1) or every eval_every steps (> 1), and always at the end of each epoch."""
+    total = steps_per_epoch * epochs
+    if eval_every > 1:
+        points = set(range(int(eval_every), total + 1, int(eval_every)))
+    else:
+        within = [max(1, round(k * eval_every * steps_per_epoch)) for k in range(1, math.ceil(1 / eval_every - 1e-9))]
+        points = {e * steps_per_epoch + s for e in range(epochs) for s in within if s < steps_per_epoch}
+    return sorted(points | {e * steps_per_epoch for e in range(1, epochs + 1)})
 
 
 def binary_metrics(y_true, y_pred) -> dict:
+    """Accuracy and F1 of the positive class (the competition's metric)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     tp = int(((y_pred == 1) & (y_true == 1)).sum())
     fp = int(((y_pred == 1) & (y_true == 0)).sum())
     fn = int(((y_pred == 0) & (y_true == 1)).sum())
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
     return {"accuracy": float((y_true == y_pred).mean()), "f1": float(f1)}
+
+
+def best_threshold(y_true, prob) -> float:
+    """The probability threshold t (predict 1 where prob > t) that maximises F1 on (y_true, prob),
+    in one sort: every distinct prob is a candidate cut. Ties go to the threshold nearest 0.5."""
+    y_true, prob = np.asarray(y_true), np.asarray(prob, dtype=np.float64)
+    values = np.unique(prob)
+    cuts = np.concatenate([[values[0] - 1e-6], (values[:-1] + values[1:]) / 2])  # cut below each value
+    order = np.argsort(-prob, kind="stable")
+    sorted_prob, positives = prob[order], np.cumsum(y_true[order] == 1)
+    predicted = np.searchsorted(-sorted_prob, -cuts, side="left")  # how many probs are > cut
+    tp = np.where(predicted > 0, positives[np.maximum(predicted - 1, 0)], 0)
+    f1 = 2 * tp / np.maximum(predicted + positives[-1], 1)
+    best = np.flatnonzero(np.isclose(f1, f1.max(), rtol=0, atol=1e-12))
+    return float(np.clip(cuts[best[np.argmin(np.abs(cuts[best] - 0.5))]], 0.0, 1.0))
 
 
 def _autocast(device: torch.device, amp_dtype):
@@ -978,100 +1151,149 @@ def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumula
 
 
 def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name=""):
-    """Train one model; evaluate after every epoch; keep the best epoch's weights (on the CPU).
+    """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
+    evaluation's weights (on the CPU).
 
-    train_data and valid_data are (token ids, labels). Returns a dict with the per-epoch history,
-    the best epoch, its state_dict, the attack's start and skip count, and the training time."""
-    pin = device.type == "cuda"
-    pad_to = Collator(pad_id, cfg.max_len if cfg.pad_to_max else None)
-    loader = make_loader(*train_data, cfg.batch_size, True, pad_to, cfg.seed, cfg.group_by_length,
-                         cfg.num_workers, pin, rank(), world_size())
-    steps_per_epoch = math.ceil(len(loader) / cfg.grad_accum)
+    train_data and valid_data are (token ids, labels). Returns a dict with one row per evaluation,
+    the best one, its state_dict and validation probabilities, the attack's start, scale and skip
+    count, and the training and evaluation times."""
+    loader = make_loader(*train_data, batch_size=cfg.batch_size, shuffle=True,
+                         collator=Collator(pad_id, cfg.max_len if cfg.pad_to_max else None), seed=cfg.seed,
+                         group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
+                         pin=device.type == "cuda", rank=rank(), world_size=world_size())
+    micro_batches = len(loader)
+    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
     total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(cfg.warmup * total_steps)
     optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, int(cfg.warmup * total_steps), total_steps)
+    scheduler = build_scheduler(optimizer, cfg.scheduler, warmup_steps, total_steps)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     wrapped = model
     if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
         wrapped = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     attack, plain = make_attack(cfg, wrapped), Baseline(wrapped)
-    forward_model = maybe_compile(wrapped, cfg.compile)
-    history, best, best_state, adv_started = [], None, None, None
-    train_seconds, samples = 0.0, 0
+    forward_model = compile_blocks(wrapped, cfg.compile)
+    gate = AttackGate(cfg, steps_per_epoch, warmup_steps)
+    evals = set(evaluation_steps(cfg.eval_every, steps_per_epoch, cfg.epochs))
+    log.info(f"{name}{len(train_data[0])} training texts | {steps_per_epoch} optimizer steps per epoch, {total_steps} "
+             f"in all, {warmup_steps} of warm-up | batch {cfg.batch_size} x {cfg.grad_accum} accumulation x "
+             f"{world_size()} process(es) | {len(evals)} evaluations on {len(valid_data[0])} validation texts")
+    if getattr(attack, "scale", 1.0) != 1.0:
+        log.info(f"{name}{cfg.method}: sizes are relative to the mean token-embedding norm {attack.scale:.4f}"
+                 + (f" (fgm_eps {cfg.fgm_eps} -> {cfg.fgm_eps * attack.scale:.4f})" if cfg.method == "fgm" else ""))
+    history, best, best_state, best_probs, adv_started, adv_steps = [], None, None, None, None, 0
+    train_seconds = eval_seconds = 0.0
+    window_loss, window_batches = torch.zeros((), device=device), 0
 
     for epoch in range(cfg.epochs):
         loader.batch_sampler.set_epoch(epoch)
         model.train()
-        loss_sum, n_batches, adv_steps = torch.zeros((), device=device), 0, 0
-        start = time.perf_counter()
+        tick = time.perf_counter()
         bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress or rank() > 0, dynamic_ncols=True)
         for i, (batch, labels) in enumerate(bar):
             if i % cfg.grad_accum == 0:
                 step = epoch * steps_per_epoch + i // cfg.grad_accum
-                best_metric = best[cfg.select_metric] if best else None
-                active = adversarial_gate(cfg, step / steps_per_epoch, best_metric)
+                group = min(cfg.grad_accum, micro_batches - i)  # an epoch's last group may be shorter
+                active = gate.on(step)
                 adv_steps += active
                 if active and adv_started is None:
                     adv_started = {"epoch": round(step / steps_per_epoch, 4), "step": step}
                     log.info(f"{name}adversarial training ({cfg.method}) on from epoch "
                              f"{adv_started['epoch']:.2f} (optimizer step {step})")
-            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == len(loader)
+            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches
             with wrapped.no_sync() if wrapped is not model and not last_micro else contextlib.nullcontext():
                 loss = micro_step(attack if active else plain, forward_model, batch, labels, device, amp_dtype,
-                                  scaler, cfg.grad_accum)
-            loss_sum += loss
-            n_batches += 1
-            if last_micro:
-                optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
+                                  scaler, group)
+            window_loss += loss
+            window_batches += 1
+            if not last_micro:
+                continue
+            optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
             if cfg.progress and i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-        train_loss = (loss_sum / max(n_batches, 1)).item()  # also waits for the GPU: the timing is honest
-        seconds = time.perf_counter() - start
-        train_seconds += seconds
-        samples += len(train_data[0])
-
-        probs = predict_proba(model, valid_data[0], cfg.eval_batch_size, pad_id, device, amp_dtype)
-        metrics = binary_metrics(valid_data[1], probs.argmax(1))
-        row = {"epoch": epoch + 1, "train_loss": round(train_loss, 6), "valid_accuracy": metrics["accuracy"],
-               "valid_f1": metrics["f1"], "seconds": round(seconds, 3),
-               "samples_per_s": round(len(train_data[0]) / seconds, 2), "adv_steps": adv_steps,
-               "lr": scheduler.get_last_lr()[0]}
-        history.append(row)
-        improved = best is None or metrics[cfg.select_metric] > best[cfg.select_metric]
-        if improved:
-            best = {"epoch": epoch + 1, **metrics}
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        log.info(f"{name}epoch {epoch + 1}/{cfg.epochs} | loss {train_loss:.4f} | valid acc {metrics['accuracy']:.4f} "
-                 f"f1 {metrics['f1']:.4f} | {seconds:.1f}s | {row['samples_per_s']:.0f} samples/s"
-                 f"{' | adv ' + str(adv_steps) + ' steps' if adv_steps else ''}{' | best' if improved else ''}")
+            if step + 1 not in evals:
+                continue
+            train_loss = (window_loss / window_batches).item()  # also waits for the GPU: the timing is honest
+            train_seconds += time.perf_counter() - tick
+            position = round((step + 1) / steps_per_epoch, 4)
+            if not math.isfinite(train_loss):
+                raise UserError(f"{name}training diverged: the mean training loss was {train_loss} up to epoch "
+                                f"{position:.2f} (optimizer step {step + 1}); lower --lr or the attack's size, or "
+                                "use --amp bf16 or off.")
+            tock = time.perf_counter()
+            probs = predict_proba(model, valid_data[0], cfg.eval_batch_size, pad_id, device, amp_dtype)
+            seconds = time.perf_counter() - tock
+            eval_seconds += seconds
+            metrics = binary_metrics(valid_data[1], probs.argmax(1))
+            row = {"epoch": position, "step": step + 1, "train_loss": round(train_loss, 6),
+                   "valid_accuracy": metrics["accuracy"], "valid_f1": metrics["f1"], "adv_steps": adv_steps,
+                   "attack_seen": adv_steps > 0, "lr": scheduler.get_last_lr()[0], "eval_seconds": round(seconds, 3)}
+            history.append(row)
+            improved = best is None or metrics[cfg.select_metric] > best[cfg.select_metric]
+            if improved:
+                best = {"epoch": position, "step": step + 1, "attack_seen": adv_steps > 0, **metrics}
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_probs = probs
+            gate.observe(metrics[cfg.select_metric], step + 1)
+            log.info(f"{name}epoch {position:.2f} | loss {train_loss:.4f} | valid acc {metrics['accuracy']:.4f} "
+                     f"f1 {metrics['f1']:.4f} | {'attacked ' + str(adv_steps) + ' steps | ' if adv_steps else ''}"
+                     f"eval {seconds:.1f}s{' | best' if improved else ''}")
+            window_loss, window_batches = torch.zeros((), device=device), 0
+            model.train()
+            tick = time.perf_counter()
+        bar.close()
     skips = int(attack.skipped)
     if skips:
         log.info(f"{name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without perturbation")
-    return {"history": history, "best": best, "state": best_state, "adv_started_at": adv_started,
-            "attack_skips": skips, "train_seconds": train_seconds, "train_samples": samples}
+    log.info(f"{name}selected the evaluation at epoch {best['epoch']:.2f} (valid {cfg.select_metric} "
+             f"{best[cfg.select_metric]:.4f}), {'after' if best['attack_seen'] else 'before'} the attack started"
+             if cfg.method != "baseline" else
+             f"{name}selected the evaluation at epoch {best['epoch']:.2f} (valid {cfg.select_metric} "
+             f"{best[cfg.select_metric]:.4f})")
+    return {"history": history, "best": best, "state": best_state, "valid_probs": best_probs[:, 1],
+            "adv_started_at": adv_started, "attack_scale": getattr(attack, "scale", None), "attack_skips": skips,
+            "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+            "train_samples": len(train_data[0]) * cfg.epochs}
 
 
-def maybe_compile(model: nn.Module, enabled: bool):
-    """torch.compile with dynamic shapes, or the model itself if compilation is off or fails."""
-    if not enabled:
+def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
+    """The transformer's stack of layers: the largest nn.ModuleList of at least two modules of one class."""
+    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
+    return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+
+def compile_blocks(model: nn.Module, enabled: bool):
+    """torch.compile each transformer layer in place (regional compilation). The embeddings, where
+    the attacks hook in, stay eager, so a hook added or removed at any step takes effect (a model
+    compiled whole does not see hooks registered after its first call); parameter names and the
+    state_dict are unchanged. If compiling fails on the first batch, every layer goes back to eager
+    and the run goes on; errors of later calls, and any error that is not the compiler's, propagate.
+    Returns the callable to run the model with."""
+    blocks = repeated_blocks(getattr(model, "module", model)) if enabled else None
+    if blocks is None or not hasattr(nn.Module, "compile"):
+        if enabled:
+            log.warning("compile: no stack of transformer layers found (or torch < 2.2); running eagerly")
         return model
-    try:
-        compiled = torch.compile(model, dynamic=True)
-    except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-        log.warning(f"torch.compile failed ({e}); running eagerly")
-        return model
+    for block in blocks:
+        block.compile(dynamic=True)
+    first = True
 
     def call(**kwargs):
-        nonlocal compiled
+        nonlocal first
+        if not first:
+            return model(**kwargs)
+        first = False
         try:
-            return compiled(**kwargs)
-        except Exception as e:  # noqa: BLE001 - compilation happens on the first call
-            if compiled is model:
+            return model(**kwargs)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
                 raise
-            log.warning(f"torch.compile failed on the first batch ({type(e).__name__}: {e}); running eagerly")
-            compiled = model
+            log.warning(f"torch.compile failed on the first batch ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                        "running eagerly")
+            for block in blocks:
+                block._compiled_call_impl = None  # undo nn.Module.compile
             return model(**kwargs)
 
     return call
@@ -1170,7 +1392,7 @@ def __getattr__(name):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
     """Class probabilities for every text, in input order: batches sorted by length, one copy to the host.
     Under data-parallel training each rank predicts every world_size-th text and all ranks receive
@@ -1247,8 +1469,21 @@ def write_submission(path: Path, ids, labels, expected_ids) -> pd.DataFrame:
     return sub
 
 
+def _finite(obj):
+    """obj with every non-finite float replaced by None, so that it is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+    """Strict JSON (NaN and infinities become null), written atomically."""
+    text = json.dumps(_finite(obj), indent=2, default=str, allow_nan=False) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1324,6 +1559,21 @@ def _run(cfg: Config, out: Path) -> dict:
     log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
+    data = prepare_data(cfg)
+    cfg = dataclasses.replace(cfg, max_len=data["max_len"])
+    log.info(f"data {data['dir']}: {len(data['train'])} train / {len(data['test'])} test rows, max_len "
+             f"{data['max_len']} tokens (longest training text {data['longest']}) | device {describe_device(device)} | "
+             f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
+    folds = make_folds(cfg, data["targets"])
+    results, oof, test_probs = train_folds(cfg, data, folds, device, amp_dtype, out)
+    metrics = summarize_run(cfg, data, folds, results, oof, device, amp_dtype, started)
+    if rank() == 0:
+        write_outputs(out, data, oof, test_probs, metrics)
+    return metrics
+
+
+def prepare_data(cfg: Config) -> dict:
+    """Read and check the competition files, load the tokenizer and tokenize every text once."""
     data_dir = find_data_dir(cfg.data_dir)
     train_df, test_df, order = load_competition(data_dir, cfg.use_keyword)
     model_path = resolve_model(cfg.model)
@@ -1333,107 +1583,148 @@ def _run(cfg: Config, out: Path) -> dict:
     except (OSError, ValueError) as e:
         raise UserError(f"Could not load the config of {cfg.model!r} ({str(e).splitlines()[0]}).") from None
     limit = model_max_len(tokenizer, model_config)
-    train_ids = tokenize(tokenizer, train_df["text"].tolist(), limit)
+    texts = train_df["text"].tolist()
+    train_ids = tokenize(tokenizer, texts, limit)
+    check_tokenizer(tokenizer, model_config, train_ids, cfg.model)
     longest = max(map(len, train_ids))
     max_len = min(cfg.max_len, limit) if cfg.max_len else longest
     if max_len < longest:
-        train_ids = tokenize(tokenizer, train_df["text"].tolist(), max_len)
-    test_ids = tokenize(tokenizer, test_df["text"].tolist(), max_len)
-    cfg = dataclasses.replace(cfg, max_len=max_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    targets = train_df["target"].to_numpy()
-    log.info(f"data {data_dir}: {len(train_df)} train / {len(test_df)} test rows, max_len {max_len} tokens "
-             f"(longest training text {longest}) | device {describe_device(device)} | "
-             f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
+        train_ids = tokenize(tokenizer, texts, max_len)
+    return {"dir": data_dir, "train": train_df, "test": test_df, "order": order, "model_path": model_path,
+            "train_ids": train_ids, "test_ids": tokenize(tokenizer, test_df["text"].tolist(), max_len),
+            "targets": train_df["target"].to_numpy(), "max_len": max_len, "longest": longest,
+            "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
 
+
+def check_tokenizer(tokenizer, model_config, ids, name: str) -> None:
+    """Refuse a tokenizer that does not fit the model: ids past the model's vocabulary (an IndexError
+    mid-training otherwise), or one that turns most words into the unknown token (a model folder
+    without its tokenizer files gets an empty one, and trains on [UNK] alone)."""
+    vocab = getattr(model_config, "vocab_size", None)
+    top = max((max(x) for x in ids if x), default=0)
+    if vocab and top >= vocab:
+        raise UserError(f"The tokenizer of {name!r} produces token id {top}, but the model has only {vocab} "
+                        "embeddings: the tokenizer files belong to another model; use the tokenizer saved with it.")
+    unk = tokenizer.unk_token_id
+    special = set(tokenizer.all_special_ids) - {unk}
+    words = [t for x in ids for t in x if t not in special]
+    if unk is not None and words and sum(t == unk for t in words) > 0.5 * len(words):
+        raise UserError(f"The tokenizer of {name!r} reads {100 * sum(t == unk for t in words) / len(words):.0f}% of "
+                        "the training tokens as unknown: the model folder lacks its tokenizer files "
+                        "(tokenizer.json, vocab or spm model); copy them in with save_pretrained.")
+
+
+def make_folds(cfg: Config, targets) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, valid, holdout) row indices per fold: one fold for split=holdout, n_folds without holdout."""
     if cfg.split == "holdout":
-        tr, va, ho = holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size)
-        folds = [(tr, va, ho)]
-    else:
-        folds = [(tr, va, np.array([], dtype=int)) for tr, va in kfold_splits(targets, cfg.n_folds, cfg.seed)]
+        return [holdout_split(len(targets), cfg.seed, cfg.holdout_size, cfg.valid_size)]
+    if cfg.n_folds > min(np.bincount(targets, minlength=2)):
+        raise UserError(f"n_folds={cfg.n_folds} is more than the {min(np.bincount(targets, minlength=2))} rows of the "
+                        "rarer class in train.csv: choose --n-folds 5 or use --split holdout.")
+    return [(tr, va, np.array([], dtype=int)) for tr, va in kfold_splits(targets, cfg.n_folds, cfg.seed)]
 
-    test_probs = np.zeros((len(test_ids), 2), dtype=np.float64)
-    oof_rows, fold_results = [], []
+
+def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
+    """Train one model per fold; returns the per-fold results, the out-of-fold table (validation and
+    holdout probabilities of every fold's best evaluation) and the test probabilities averaged over folds."""
+    ids, targets = data["train_ids"], data["targets"]
+    test_probs = np.zeros(len(data["test_ids"]), dtype=np.float64)
+    results, oof_rows = [], []
     for k, (tr, va, ho) in enumerate(folds):
         name = f"fold {k + 1}/{len(folds)} " if len(folds) > 1 else ""
         seed_everything(cfg.seed)
-        model = Classifier.from_pretrained(model_path, pooling=cfg.pooling, dropout=cfg.dropout).to(device)
-        result = train_fold(cfg, model, ([train_ids[i] for i in tr], targets[tr]),
-                            ([train_ids[i] for i in va], targets[va]), device, amp_dtype, pad_id, name)
+        model = Classifier.from_pretrained(data["model_path"], pooling=cfg.pooling, dropout=cfg.dropout).to(device)
+        result = train_fold(cfg, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
+                            device, amp_dtype, data["pad_id"], name)
         model.load_state_dict(result.pop("state"))
-        for part, rows in (("valid", va), ("holdout", ho)):
-            if len(rows):
-                probs = predict_proba(model, [train_ids[i] for i in rows], cfg.eval_batch_size, pad_id, device,
-                                      amp_dtype)
-                oof_rows.append(pd.DataFrame({"id": train_df["id"].to_numpy()[rows], "target": targets[rows],
-                                              "prob": probs[:, 1], "split": part, "fold": k}))
-        test_probs += predict_proba(model, test_ids, cfg.eval_batch_size, pad_id, device, amp_dtype) / len(folds)
+        parts = [("valid", va, result.pop("valid_probs"))]
+        if len(ho):
+            parts.append(("holdout", ho, predict_proba(model, [ids[i] for i in ho], cfg.eval_batch_size,
+                                                       data["pad_id"], device, amp_dtype)[:, 1]))
+        for part, rows, prob in parts:
+            oof_rows.append(pd.DataFrame({"id": data["train"]["id"].to_numpy()[rows], "target": targets[rows],
+                                          "prob": prob, "split": part, "fold": k}))
+        test_probs += predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device,
+                                    amp_dtype)[:, 1] / len(folds)
         if cfg.save_model and rank() == 0:
             path = out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt")
             atomic_write(path, lambda tmp, m=model: torch.save(m.state_dict(), tmp))
-        fold_results.append(result)
+        results.append(result)
         del model
+    return results, pd.concat(oof_rows, ignore_index=True), test_probs
 
-    oof = pd.concat(oof_rows, ignore_index=True)
+
+def decide_threshold(cfg: Config, valid: pd.DataFrame) -> float:
+    """The probability above which a tweet is labelled 1 (argmax of two classes is prob > 0.5)."""
+    if cfg.threshold == "argmax":
+        return 0.5
+    if cfg.threshold == "auto":
+        return best_threshold(valid["target"], valid["prob"])
+    return float(cfg.threshold)
+
+
+def summarize_run(cfg: Config, data: dict, folds, results, oof: pd.DataFrame, device, amp_dtype, started) -> dict:
+    """metrics.json: one shape whatever the split. `score` is measured on the holdout (split=holdout)
+    or on the out-of-fold validation predictions (split=kfold), with argmax and with the threshold."""
+    valid = oof[oof["split"] == "valid"]
+    threshold = decide_threshold(cfg, valid)
+    scored_on = "holdout" if cfg.split == "holdout" else "out-of-fold"
     scored = oof[oof["split"] == ("holdout" if cfg.split == "holdout" else "valid")]
-    final = binary_metrics(scored["target"], (scored["prob"] > 0.5).astype(int))
-    log.info(f"{'holdout' if cfg.split == 'holdout' else 'out-of-fold'}: accuracy {final['accuracy']:.4f} "
-             f"f1 {final['f1']:.4f}")
-
-    train_seconds = sum(r["train_seconds"] for r in fold_results)
-    epochs = [dict(row, fold=k) if len(folds) > 1 else row
-              for k, r in enumerate(fold_results) for row in r["history"]]
-    bests = [r["best"] for r in fold_results]
-    metrics = {
+    argmax = binary_metrics(scored["target"], (scored["prob"] > 0.5).astype(int))
+    tuned = binary_metrics(scored["target"], (scored["prob"] > threshold).astype(int))
+    log.info(f"{scored_on}: argmax acc {argmax['accuracy']:.4f} f1 {argmax['f1']:.4f} | threshold {threshold:.3f} "
+             f"({cfg.threshold}) acc {tuned['accuracy']:.4f} f1 {tuned['f1']:.4f}")
+    train_seconds = sum(r["train_seconds"] for r in results)
+    bests = [r["best"] for r in results]
+    return {
         "config": dataclasses.asdict(cfg),
-        "epochs": epochs,
-        "valid_best": bests[0] if len(bests) == 1 else
-        {m: float(np.mean([b[m] for b in bests])) for m in ("accuracy", "f1")} | {"folds": bests},
-        "holdout": final if cfg.split == "holdout" else final | {"source": "out-of-fold predictions"},
-        "train_samples_per_s": round(sum(r["train_samples"] for r in fold_results) / train_seconds, 2),
+        "evaluations": [dict(row, fold=k) for k, r in enumerate(results) for row in r["history"]],
+        "selected": [dict(b, fold=k) for k, b in enumerate(bests)],
+        "valid_best": {m: float(np.mean([b[m] for b in bests])) for m in ("accuracy", "f1")},
+        "attack_seen": all(b["attack_seen"] for b in bests),
+        "score": {"on": scored_on, "rows": len(scored), "threshold": threshold, "argmax": argmax, "tuned": tuned},
+        "train_samples_per_s": round(sum(r["train_samples"] for r in results) / train_seconds, 2),
         "train_seconds": round(train_seconds, 2),
-        "attack_skips": sum(r["attack_skips"] for r in fold_results),
-        "adv_started_at": [r["adv_started_at"] for r in fold_results] if len(folds) > 1
-        else fold_results[0]["adv_started_at"],
+        "eval_seconds": round(sum(r["eval_seconds"] for r in results), 2),
+        "attack_scale": results[0]["attack_scale"],
+        "attack_skips": sum(r["attack_skips"] for r in results),
+        "adv_started_at": [r["adv_started_at"] for r in results],
         "device": describe_device(device) if world_size() == 1 else f"{world_size()} x {describe_device(device)}",
         "world_size": world_size(),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-        "data": {"dir": str(data_dir), "train_rows": len(train_df), "test_rows": len(test_df),
+        "data": {"dir": str(data["dir"]), "train_rows": len(data["train"]), "test_rows": len(data["test"]),
                  "train": len(folds[0][0]), "valid": len(folds[0][1]), "holdout": len(folds[0][2]),
-                 "max_len": max_len, "longest_train_text": longest},
+                 "max_len": data["max_len"], "longest_train_text": data["longest"]},
         "versions": versions(),
         "seconds_total": round(time.time() - started, 2),
     }
-    if rank() == 0:
-        by_id = pd.DataFrame({"target": test_probs.argmax(1), "prob": test_probs[:, 1]},
-                             index=test_df["id"].to_numpy()).loc[order]
-        write_submission(out / "submission.csv", order, by_id["target"].to_numpy(), order)
-        probs_df = pd.DataFrame({"id": order, "prob": by_id["prob"].to_numpy()})
-        atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
-        atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
-        write_json(out / "metrics.json", metrics)
-        log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
-    return metrics
+
+
+def write_outputs(out: Path, data: dict, oof: pd.DataFrame, test_probs, metrics: dict) -> None:
+    """submission.csv (test labels at the run's threshold), test_probs.csv, oof.csv, metrics.json."""
+    order = data["order"]
+    prob = pd.Series(test_probs, index=data["test"]["id"].to_numpy()).loc[order].to_numpy()
+    write_submission(out / "submission.csv", order, (prob > metrics["score"]["threshold"]).astype(int), order)
+    probs_df = pd.DataFrame({"id": order, "prob": prob})
+    atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
+    atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    write_json(out / "metrics.json", metrics)
+    log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------
 # Comparison across methods and seeds: the article's table, done with more than one seed
 # ---------------------------------------------------------------------------------------------
 
-# Two-sided 95% quantiles of Student's t by degrees of freedom (beyond 30: the normal's 1.96).
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
-
-
 def paired_interval(diffs) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% t-interval (nan bounds for a single pair)."""
+    """Mean of paired differences and its 95% Student-t interval (nan bounds for a single pair)."""
+    from scipy.stats import t
+
     diffs = np.asarray(diffs, dtype=float)
     mean = float(diffs.mean())
     if len(diffs) < 2:
         return mean, float("nan"), float("nan")
-    df = len(diffs) - 1
-    t = _T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96
-    half = t * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    half = float(t.ppf(0.975, len(diffs) - 1)) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
     return mean, mean - half, mean + half
 
 
@@ -1441,26 +1732,39 @@ def run_dir_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def collect_results(root: Path) -> pd.DataFrame:
-    """One row per finished run under root (a run is finished once its metrics.json exists)."""
-    rows = []
-    for path in sorted(Path(root).glob("*/metrics.json")):
+# Settings that do not change a run's result: a finished run is reused whatever they were.
+_NOT_RESULTS = ("output_dir", "overwrite", "progress", "num_workers")
+
+
+def _same_settings(recorded: dict, wanted: Config) -> list[str]:
+    """The settings in which a finished run's recorded config differs from the wanted one."""
+    want = dataclasses.asdict(wanted)
+    return [k for k in want if k not in _NOT_RESULTS and k != "max_len" and recorded.get(k) != want[k]]
+
+
+def result_row(path: Path) -> dict:
+    """One row of the comparison from a run's metrics.json."""
+    try:
         m = json.loads(path.read_text())
-        select = m["config"]["select_metric"]
-        rows.append({"method": m["config"]["method"], "seed": m["config"]["seed"],
-                     "valid_best": m["valid_best"][select], "holdout_accuracy": m["holdout"]["accuracy"],
-                     "holdout_f1": m["holdout"]["f1"], "train_seconds": m["train_seconds"],
-                     "samples_per_s": m["train_samples_per_s"], "attack_skips": m["attack_skips"],
-                     "run": path.parent.name})
-    return pd.DataFrame(rows, columns=["method", "seed", "valid_best", "holdout_accuracy", "holdout_f1",
-                                       "train_seconds", "samples_per_s", "attack_skips", "run"])
+        score = m["score"]
+        return {"method": m["config"]["method"], "seed": m["config"]["seed"],
+                "valid_best": m["valid_best"][m["config"]["select_metric"]],
+                "holdout_accuracy": score["tuned"]["accuracy"], "holdout_f1": score["tuned"]["f1"],
+                "holdout_f1_argmax": score["argmax"]["f1"], "threshold": score["threshold"],
+                "attack_seen": bool(m["attack_seen"]), "train_seconds": m["train_seconds"],
+                "samples_per_s": m["train_samples_per_s"], "attack_skips": m["attack_skips"],
+                "run": path.parent.name}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a metrics.json of this advtrain version ({type(e).__name__}: {e}): "
+                        "delete that run folder to run it again.") from None
 
 
 def summarize(results: pd.DataFrame, reference: str = "baseline"):
     """(per-method mean and std, per-method paired difference from the reference on the same seeds)."""
-    metrics = ["valid_best", "holdout_accuracy", "holdout_f1"]
+    metrics = ["valid_best", "holdout_accuracy", "holdout_f1", "holdout_f1_argmax", "attack_seen"]
     order = list(dict.fromkeys(results["method"]))
-    summary = results.groupby("method", sort=False)[metrics].agg(["mean", "std", "count"]).loc[order]
+    summary = results.assign(attack_seen=results["attack_seen"].astype(float)).groupby(
+        "method", sort=False)[metrics].agg(["mean", "std", "count"]).loc[order]
     diffs = []
     ref = results[results["method"] == reference].set_index("seed")
     for method in order:
@@ -1495,14 +1799,16 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
             summary.loc[method, (metric, "count")]
         return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
-    lines = [header, "| method | seeds | valid best | holdout acc | holdout F1 |", "|---|---|---|---|---|"]
+    lines = [header, "| method | seeds | selected after the attack started | valid best | holdout acc | "
+             "holdout F1 (argmax) | holdout F1 (threshold) |", "|---|---|---|---|---|---|---|"]
     for method in summary.index:
-        lines.append(f"| {method} | {int(summary.loc[method, ('holdout_f1', 'count')])} | "
-                     f"{cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | "
-                     f"{cell(method, 'holdout_f1')} |")
-    lines.append("\nmean ± standard deviation over seeds.")
+        n = int(summary.loc[method, ("holdout_f1", "count")])
+        seen = "n/a" if method == "baseline" else f"{round(summary.loc[method, ('attack_seen', 'mean')] * n)}/{n}"
+        lines.append(f"| {method} | {n} | {seen} | {cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | "
+                     f"{cell(method, 'holdout_f1_argmax')} | {cell(method, 'holdout_f1')} |")
+    lines.append("\nmean ± standard deviation over seeds; accuracy and the last column at the run's threshold.")
     if len(diffs):
-        lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
+        lines += [f"\nPaired difference from {reference} (same seed, same split, at each run's threshold), in points:\n",
                   "| method | seeds | Δ holdout F1 | 95% CI | Δ holdout acc | 95% CI |", "|---|---|---|---|---|---|"]
         for _, r in diffs.iterrows():
             ci = {m: (f"{100 * r[m + '_lo']:+.2f} to {100 * r[m + '_hi']:+.2f}" if not math.isnan(r[m + "_lo"])
@@ -1515,7 +1821,8 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
 
 
 def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
-    """valid_f1_by_epoch.png (mean line, min-max band over seeds) and holdout_f1.png (seeds and mean)."""
+    """valid_f1.png (validation F1 at every evaluation: mean line, min-max band over seeds) and
+    holdout_f1.png (seeds and mean per method)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1524,20 +1831,19 @@ def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for method in methods:
-        curves = [[e["valid_f1"] for e in json.loads((root / run / "metrics.json").read_text())["epochs"]]
-                  for run in results.loc[results["method"] == method, "run"]]
-        width = min(map(len, curves))
-        curves = np.array([c[:width] for c in curves])
-        epochs = np.arange(1, width + 1)
-        line, = ax.plot(epochs, curves.mean(0), marker="o", label=method)
-        ax.fill_between(epochs, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
-    ax.set(title="Validation F1 per epoch (mean over seeds, band: min-max)", xlabel="epoch", ylabel="validation F1")
-    ax.set_xticks(np.arange(1, max(len(json.loads((root / r / "metrics.json").read_text())["epochs"])
-                                   for r in results["run"]) + 1))
+        runs = [json.loads((root / run / "metrics.json").read_text())["evaluations"]
+                for run in results.loc[results["method"] == method, "run"]]
+        width = min(map(len, runs))
+        curves = np.array([[e["valid_f1"] for e in r[:width]] for r in runs])
+        x = [e["epoch"] for e in runs[0][:width]]
+        line, = ax.plot(x, curves.mean(0), marker="o", markersize=3, label=method)
+        ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(title="Validation F1 at each evaluation (mean over seeds, band: min-max)", xlabel="epoch",
+           ylabel="validation F1")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths = [root / "valid_f1_by_epoch.png"]
+    paths = [root / "valid_f1.png"]
     fig.savefig(paths[0])
 
     fig = Figure(figsize=(7, 4.5), dpi=110)
@@ -1559,43 +1865,56 @@ def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
 
 
 def ensemble_submission(root: Path, runs: list[str], expected_ids, path: Path) -> dict:
-    """Average the test probabilities of the runs, write one submission; report how often runs disagree."""
+    """Average the test probabilities of the runs and label at the mean of their thresholds; write one
+    submission; report how often the runs disagree."""
     probs = [pd.read_csv(Path(root) / r / "test_probs.csv").set_index("id")["prob"] for r in runs]
+    cuts = [json.loads((Path(root) / r / "metrics.json").read_text())["score"]["threshold"] for r in runs]
     mean = pd.concat(probs, axis=1).mean(axis=1).loc[list(expected_ids)]
-    write_submission(path, mean.index, (mean.to_numpy() > 0.5).astype(int), expected_ids)
-    labels = np.array([(p.loc[list(expected_ids)].to_numpy() > 0.5) for p in probs])
+    write_submission(path, mean.index, (mean.to_numpy() > np.mean(cuts)).astype(int), expected_ids)
+    labels = np.array([(p.loc[list(expected_ids)].to_numpy() > c) for p, c in zip(probs, cuts)])
     disagree = [float((labels[i] != labels[j]).mean()) for i in range(len(runs)) for j in range(i + 1, len(runs))]
-    return {"runs": runs, "submission": str(path), "mean_pairwise_disagreement": float(np.mean(disagree)) if disagree
-            else 0.0}
+    return {"runs": runs, "submission": str(path), "threshold": float(np.mean(cuts)),
+            "mean_pairwise_disagreement": float(np.mean(disagree)) if disagree else 0.0}
 
 
 def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
     """Run every method x seed (the same split for all methods of one seed) into cfg.output_dir/<method>-seed<seed>/,
-    skipping runs already finished, then rebuild results.csv, results.md and the plots from all finished runs.
-    ensemble: the methods whose test probabilities to average into ensemble_submission.csv."""
-    methods, seeds = list(methods), [int(s) for s in seeds]
+    then write results.csv, results.md and the plots from exactly those runs. A finished run is reused
+    only if it was made with the same settings; otherwise compare stops and says which settings differ
+    (pass --overwrite to run it again). ensemble: the methods whose test probabilities to average into
+    ensemble_submission.csv."""
+    methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(int(s) for s in seeds))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or not seeds:
         raise UserError(f"compare needs methods from {', '.join(METHODS)} and at least one seed "
                         f"(got methods={methods}, seeds={seeds}).")
+    missing = [m for m in ensemble or [] if m not in methods]
+    if missing:
+        raise UserError(f"--ensemble names {', '.join(missing)}, which --methods does not run.")
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    rows = []
     for seed in seeds:
         for method in methods:
             out = root / run_dir_name(method, seed)
+            wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True)
             if (out / "metrics.json").is_file():
-                print(f"compare: {out} is finished, not run again")
-                continue
+                differ = _same_settings(json.loads((out / "metrics.json").read_text()).get("config", {}), wanted)
+                if not differ:
+                    print(f"compare: {out} is finished with the same settings, not run again")
+                    rows.append(result_row(out / "metrics.json"))
+                    continue
+                if not cfg.overwrite:
+                    raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
+                                    "run it again with these, or choose another --output-dir.")
             print(f"compare: {method} seed {seed} -> {out}")
-            run(dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True))
-    results = collect_results(root)
-    results = results[results["method"].isin(methods) & results["seed"].isin(seeds)]
-    rank_of = {m: i for i, m in enumerate(methods)}  # rows in the order asked for, then by seed
-    results = results.sort_values(["method", "seed"], key=lambda c: c.map(rank_of) if c.name == "method" else c)
-    results = results.reset_index(drop=True)
+            run(wanted)
+            rows.append(result_row(out / "metrics.json"))
+    results = pd.DataFrame(rows)
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
-    header = (f"# advtrain comparison\n\nmodel `{cfg.model}`, {cfg.epochs} epochs, batch {cfg.batch_size}, "
-              f"lr {cfg.lr}, attack from epoch {cfg.adv_start}, split {cfg.split}, "
+    header = (f"# advtrain comparison\n\nmodel `{Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model}`, "
+              f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, attack from {cfg.adv_start}, "
+              f"evaluation every {cfg.eval_every} epoch, threshold {cfg.threshold}, split {cfg.split}, "
               f"seeds {', '.join(map(str, seeds))}.\n")
     text = results_markdown(results, "baseline" if "baseline" in methods else methods[0], header)
     if ensemble:
@@ -1707,12 +2026,12 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
         scheduler = build_scheduler(optimizer, "constant", 0, 1)
         row_amp = resolve_amp(cfg.amp, dev)
         collator = Collator(pad_id, longest if cfg.pad_to_max else None)
-        loader = make_loader(train_ids, labels, cfg.batch_size, True, collator,
-                             0, cfg.group_by_length, 0, dev.type == "cuda")
-        state.append(dict(name=name, cfg=cfg, model=model_copy, forward=maybe_compile(model_copy, cfg.compile),
+        loader = make_loader(train_ids, labels, batch_size=cfg.batch_size, shuffle=True, collator=collator,
+                             group_by_length=cfg.group_by_length, pin=dev.type == "cuda")
+        state.append(dict(name=name, cfg=cfg, model=model_copy, forward=compile_blocks(model_copy, cfg.compile),
                           optimizer=optimizer, scheduler=scheduler, amp=row_amp,
                           scaler=torch.amp.GradScaler(dev.type) if row_amp == torch.float16 else None,
-                          attack=make_attack(dataclasses.replace(cfg, adv_start=0.0), model_copy),
+                          attack=make_attack(cfg, model_copy),
                           batches=itertools.cycle(loader), seconds=0.0, samples=0, steps=0, peak=0))
 
     def run_steps(s, n):
@@ -1882,7 +2201,7 @@ def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
         data = make_demo_data(Path(tmp, "data"))
         model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
         settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, overwrite=True, epochs=3,
-                        batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, adv_start=1.0, save_model=False)
+                        batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, save_model=False)
         return run(Config(**{**settings, **overrides}))
 
 

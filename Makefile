@@ -10,7 +10,10 @@ ARGS   ?=
 # Without an NVIDIA driver, pin the CPU build of torch (a plain `pip install torch` pulls several GB of CUDA).
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-ci.txt)
 
-.PHONY: setup demo test train bench compare notebooks data push status output submit submissions
+.PHONY: help setup demo test test-all lint train bench compare notebooks data push status output submit submissions
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
 setup: $(BIN)/.installed
 
@@ -22,14 +25,17 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt constraints-ci.txt
 demo: setup  ## the whole pipeline offline: synthetic tweets, tiny DeBERTa-v2 -> submissions/demo/
 	$(BIN)/python advtrain.py demo $(ARGS)
 
-test: setup  ## the test suite (CPU, offline)
+test: setup  ## the fast tests (CPU, offline, under 2 minutes)
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup  ## every test, the slow end-to-end ones too (torchrun, notebooks, compare, compile); what CI runs
 	$(BIN)/python -m pytest -q tests
 
 train: setup  ## make train METHOD=awp ARGS="--epochs 3" -> submissions/$(METHOD)/
 	$(BIN)/python advtrain.py train --method $(METHOD) --output-dir submissions/$(METHOD) $(ARGS)
 
 bench: setup  ## speed table of every method and of the article's setup -> submissions/bench/
-	$(BIN)/python advtrain.py bench $(ARGS)
+	$(BIN)/python tools/bench.py $(ARGS)
 
 compare: setup  ## make compare METHODS=baseline,fgm SEEDS=42,43 ARGS="--epochs 2" -> submissions/compare/
 	$(BIN)/python advtrain.py compare --methods $(METHODS) --seeds $(SEEDS) $(ARGS)

@@ -6,15 +6,13 @@ each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch.
 
 The file reads top to bottom in the order data flows: config -> data -> model -> attacks ->
 training loop (and the transformers.Trainer subclass) -> prediction/submission -> a whole run ->
-comparison across seeds -> benchmark -> offline demo -> CLI.
+comparison across seeds -> offline demo -> CLI. The speed benchmark is tools/bench.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -63,7 +61,7 @@ class Config:
 
     # run
     method: str = _opt("baseline", "adversarial method", METHODS)
-    preset: str = _opt("", "start from a named set of settings; explicit flags still win", ("", "article"))
+    preset: str = _opt("", "start from a named set of settings; explicit flags still win", ("", "article", "recipe"))
     model: str = _opt("microsoft/deberta-v3-xsmall", "hub name or local folder of a Hugging Face encoder")
     data_dir: str = _opt("", "folder with train.csv/test.csv; empty: the Kaggle mount, else ./data")
     output_dir: str = _opt("submissions/run", "where submission.csv, metrics.json, train.log and the model go")
@@ -121,12 +119,13 @@ class Config:
     pgd_steps: int = _opt(3, "PGD: ascent steps (K)")
     freelb_steps: int = _opt(3, "FreeLB: ascent steps (K)")
     freelb_lr: float = _opt(0.1, "FreeLB: ascent step size")
-    freelb_init: float = _opt(0.1, "FreeLB: initial perturbation magnitude")
+    freelb_init: float = _opt(0.1, "FreeLB: initial perturbation magnitude (FreeLB's init_mag)")
     freelb_max_norm: float = _opt(0.0, "FreeLB: L2 bound per example, 0 = unbounded")
-    awp_lr: float = _opt(1.0, "AWP: step size, relative to each weight's norm")
-    awp_eps: float = _opt(0.01, "AWP: each weight stays within +-eps*|w|")
-    awp_params: str = _opt("weight", "AWP: perturb the parameters whose name contains this")
-    sift_lambda: float = _opt(3.0, "SiFT: weight of the consistency loss (DeBERTa uses 3 for xsmall)")
+    awp_lr: float = _opt(1.0, "AWP: step size, relative to each weight's norm (AWP's adv_lr)")
+    awp_eps: float = _opt(0.01, "AWP: each weight stays within +-eps*|w| (AWP's adv_eps)")
+    awp_params: str = _opt("weight", "AWP: perturb the parameters whose name contains this (AWP's param_filter)")
+    sift_lambda: float = _opt(3.0, "SiFT: weight of the consistency loss, DeBERTa's vat_lambda (SiFT's alpha); "
+                              "3 for deberta-v3-xsmall")
     sift_init: float = _opt(1e-2, "SiFT: std of the initial perturbation")
     sift_lr: float = _opt(1e-4, "SiFT: ascent step size")
     sift_module: str = _opt("", "SiFT: name of the module to perturb in front of (default: embeddings.LayerNorm)")
@@ -192,6 +191,12 @@ PRESETS = {
         max_grad_norm=0.0, amp="off", fused_adamw=False, pad_to_max=True, group_by_length=False,
         dropout=0.0, select_metric="accuracy", adv_start="0", eval_every=1.0, threshold="argmax",
         eps_relative=False, fgm_eps=0.1, fgm_scope="vocab", awp_lr=1e-4, awp_eps=1e-4, awp_params="weight",
+    ),
+    # The settings of the README's comparison on the real files (RESULTS.md): evaluation four times an
+    # epoch, attack from the end of warm-up, sizes relative to the embeddings, F1 threshold on validation.
+    "recipe": dict(
+        eval_every=0.25, adv_start="warmup", threshold="auto", eps_relative=True, fgm_eps=0.2, awp_lr=1.0,
+        awp_eps=0.01, sift_lambda=3.0,
     ),
 }
 
@@ -350,8 +355,9 @@ def tokenize(tokenizer, texts, max_len: int) -> list[list[int]]:
 class LengthGroupedBatches(torch.utils.data.Sampler):
     """Batches of indices. Shuffled, then (group_by_length) sorted by length inside windows of 50
     batches so that each batch needs little padding, and the batches shuffled again. Under
-    data-parallel training every rank draws the same list and takes every world_size-th batch,
-    the list padded by wrapping around as torch's DistributedSampler does, so all ranks step alike."""
+    data-parallel training every rank draws the same list of batches and takes its share of each
+    one (rows rank, rank + world_size, ...), so the global batch, and with it the optimisation, is
+    the same on one GPU or several: batch_size is the global batch."""
 
     def __init__(self, lengths, batch_size: int, shuffle: bool, seed: int = 0, group_by_length: bool = True,
                  rank: int = 0, world_size: int = 1):
@@ -363,7 +369,7 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         self.epoch = epoch
 
     def __len__(self):
-        return math.ceil(math.ceil(len(self.lengths) / self.batch_size) / self.world_size)
+        return math.ceil(len(self.lengths) / self.batch_size)
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed + self.epoch)
@@ -375,8 +381,9 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
         batches = np.split(order, range(self.batch_size, len(order), self.batch_size))
         if self.shuffle and self.group_by_length:
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        batches += batches[:-len(batches) % self.world_size]
-        return iter([b.tolist() for b in batches[self.rank::self.world_size]])
+        if self.world_size > 1:  # a batch smaller than the world is repeated so that every rank gets a row
+            batches = [np.resize(b, max(len(b), self.world_size))[self.rank::self.world_size] for b in batches]
+        return iter([b.tolist() for b in batches])
 
 
 class Collator:
@@ -1177,8 +1184,9 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
     gate = AttackGate(cfg, steps_per_epoch, warmup_steps)
     evals = set(evaluation_steps(cfg.eval_every, steps_per_epoch, cfg.epochs))
     log.info(f"{name}{len(train_data[0])} training texts | {steps_per_epoch} optimizer steps per epoch, {total_steps} "
-             f"in all, {warmup_steps} of warm-up | batch {cfg.batch_size} x {cfg.grad_accum} accumulation x "
-             f"{world_size()} process(es) | {len(evals)} evaluations on {len(valid_data[0])} validation texts")
+             f"in all, {warmup_steps} of warm-up | total batch {cfg.batch_size * cfg.grad_accum} = batch "
+             f"{cfg.batch_size} x {cfg.grad_accum} accumulation, {world_size()} process(es) sharing each batch | "
+             f"{len(evals)} evaluations on {len(valid_data[0])} validation texts")
     if getattr(attack, "scale", 1.0) != 1.0:
         log.info(f"{name}{cfg.method}: sizes are relative to the mean token-embedding norm {attack.scale:.4f}"
                  + (f" (fgm_eps {cfg.fgm_eps} -> {cfg.fgm_eps * attack.scale:.4f})" if cfg.method == "fgm" else ""))
@@ -1737,9 +1745,10 @@ _NOT_RESULTS = ("output_dir", "overwrite", "progress", "num_workers")
 
 
 def _same_settings(recorded: dict, wanted: Config) -> list[str]:
-    """The settings in which a finished run's recorded config differs from the wanted one."""
-    want = dataclasses.asdict(wanted)
-    return [k for k in want if k not in _NOT_RESULTS and k != "max_len" and recorded.get(k) != want[k]]
+    """The settings in which a finished run's recorded config differs from the wanted one. A setting
+    the run did not record (it predates that setting) counts as its default."""
+    want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
+    return [k for k in want if k not in _NOT_RESULTS and k != "max_len" and recorded.get(k, defaults[k]) != want[k]]
 
 
 def result_row(path: Path) -> dict:
@@ -1775,7 +1784,7 @@ def summarize(results: pd.DataFrame, reference: str = "baseline"):
         if not seeds:
             continue
         row = {"method": method, "seeds": len(seeds)}
-        for metric in ("holdout_f1", "holdout_accuracy"):
+        for metric in ("holdout_f1", "holdout_f1_argmax", "holdout_accuracy"):
             mean, lo, hi = paired_interval(mine.loc[seeds, metric] - ref.loc[seeds, metric])
             row.update({f"{metric}_diff": mean, f"{metric}_lo": lo, f"{metric}_hi": hi})
         diffs.append(row)
@@ -1808,13 +1817,15 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
                      f"{cell(method, 'holdout_f1_argmax')} | {cell(method, 'holdout_f1')} |")
     lines.append("\nmean ± standard deviation over seeds; accuracy and the last column at the run's threshold.")
     if len(diffs):
-        lines += [f"\nPaired difference from {reference} (same seed, same split, at each run's threshold), in points:\n",
-                  "| method | seeds | Δ holdout F1 | 95% CI | Δ holdout acc | 95% CI |", "|---|---|---|---|---|---|"]
+        lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
+                  "| method | seeds | Δ holdout F1 (threshold) | 95% CI | Δ holdout F1 (argmax) | 95% CI | "
+                  "Δ holdout acc | 95% CI |", "|---|---|---|---|---|---|---|---|"]
+        metrics = ("holdout_f1", "holdout_f1_argmax", "holdout_accuracy")
         for _, r in diffs.iterrows():
             ci = {m: (f"{100 * r[m + '_lo']:+.2f} to {100 * r[m + '_hi']:+.2f}" if not math.isnan(r[m + "_lo"])
-                      else "n/a") for m in ("holdout_f1", "holdout_accuracy")}
-            lines.append(f"| {r['method']} | {r['seeds']} | {100 * r['holdout_f1_diff']:+.2f} | {ci['holdout_f1']} | "
-                         f"{100 * r['holdout_accuracy_diff']:+.2f} | {ci['holdout_accuracy']} |")
+                      else "n/a") for m in metrics}
+            lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(
+                f"{100 * r[m + '_diff']:+.2f} | {ci[m]}" for m in metrics) + " |")
         lines.append("")
         lines += [_verdict(r, reference) for _, r in diffs.iterrows()]
     return "\n".join(lines).strip() + "\n"
@@ -1931,188 +1942,6 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# Benchmark: training and prediction speed, side by side, in one process
-# ---------------------------------------------------------------------------------------------
-
-# microsoft/deberta-v3-xsmall's config.json, so that its architecture can be timed without a download.
-DEBERTA_V3_XSMALL = dict(
-    model_type="deberta-v2", hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536,
-    vocab_size=128100, max_position_embeddings=512, relative_attention=True, position_buckets=256,
-    norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
-    max_relative_positions=-1, position_biased_input=False, type_vocab_size=0, hidden_act="gelu",
-    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, pad_token_id=0)
-
-
-def bench_texts(data_dir: str = ""):
-    """(training texts, test texts, where they came from): the competition's if present, else synthetic."""
-    try:
-        train, test, _ = load_competition(find_data_dir(data_dir))
-        return train["text"].tolist(), test["text"].tolist(), "competition files"
-    except UserError:
-        folder = make_demo_data(Path(tempfile.mkdtemp(prefix="advtrain-bench-")), n_train=4613, n_test=3263)
-        return (pd.read_csv(folder / "train.csv")["text"].tolist(), pd.read_csv(folder / "test.csv")["text"].tolist(),
-                "synthetic tweets")
-
-
-def bench_model(name: str, texts, workdir: Path):
-    """(classifier, tokenizer, description). 'deberta-v3-xsmall' is that architecture with random weights
-    and a WordPiece tokenizer built on the texts; 'tiny' a 2-layer DeBERTa-v2; anything else is loaded."""
-    if name in ("tiny", "deberta-v3-xsmall"):
-        folder = make_tiny_model(workdir / "model", "deberta-v2", texts)
-        tokenizer = load_tokenizer(str(folder))
-        if name == "tiny":
-            return Classifier.from_pretrained(str(folder)), tokenizer, "tiny DeBERTa-v2 (2 layers, hidden 32)"
-        config = transformers.AutoConfig.for_model(**DEBERTA_V3_XSMALL)
-        backbone = transformers.AutoModel.from_config(config)
-        return Classifier(backbone), tokenizer, "deberta-v3-xsmall architecture, random weights"
-    path = resolve_model(name)
-    return Classifier.from_pretrained(path), load_tokenizer(path), name
-
-
-def _memory_probe(device):
-    """(reset, read): peak memory of what runs between them. GPU: torch.cuda.max_memory_allocated;
-    CPU: the process's peak resident set (Linux: reset through /proc/self/clear_refs)."""
-    if device.type == "cuda":
-        def reset():
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            return torch.cuda.memory_allocated(device)
-
-        return reset, lambda: torch.cuda.max_memory_allocated(device)
-
-    def rss(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field))
-
-    def reset():
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return rss("VmRSS:")
-
-    if not Path("/proc/self/clear_refs").exists():
-        return None
-    return reset, lambda: rss("VmHWM:")
-
-
-def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, rounds: int = 3, batch_size: int = 32,
-          methods=METHODS, data_dir: str = "", device: str = "auto", output_dir: str = "submissions/bench",
-          compile: bool = False) -> dict:
-    """Time every method's training step, the article's setup ('seed-style') and the submission path,
-    alternating the rows round by round so that drift hits them alike; print and save a markdown table."""
-    dev = resolve_device(device)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    train_texts, test_texts, source = bench_texts(data_dir)
-    with tempfile.TemporaryDirectory(prefix="advtrain-bench-") as tmp:
-        base, tokenizer, described = bench_model(model, train_texts, Path(tmp))
-    limit = model_max_len(tokenizer, base.backbone.config)
-    train_ids = tokenize(tokenizer, train_texts, limit)
-    test_ids = tokenize(tokenizer, test_texts, limit)
-    longest = max(map(len, train_ids))
-    labels = np.arange(len(train_ids)) % 2
-    pad_id = tokenizer.pad_token_id or 0
-
-    kit = dict(batch_size=batch_size, compile=compile)
-    seed_style = dict(batch_size=8, pad_to_max=True, max_len=longest, amp="off", fused_adamw=False,
-                      group_by_length=False)
-    rows = [("seed-style (article setup)", Config(method="baseline", **seed_style)),
-            ("kit, batch 8", Config(method="baseline", batch_size=8, compile=compile))]
-    rows += [(f"kit {m}", Config(method=m, **kit)) for m in ["baseline"] + [m for m in methods if m != "baseline"]]
-    state = []
-    for name, cfg in rows:
-        seed_everything(0)
-        model_copy = copy.deepcopy(base).to(dev)
-        optimizer = build_optimizer(model_copy, cfg, dev)
-        scheduler = build_scheduler(optimizer, "constant", 0, 1)
-        row_amp = resolve_amp(cfg.amp, dev)
-        collator = Collator(pad_id, longest if cfg.pad_to_max else None)
-        loader = make_loader(train_ids, labels, batch_size=cfg.batch_size, shuffle=True, collator=collator,
-                             group_by_length=cfg.group_by_length, pin=dev.type == "cuda")
-        state.append(dict(name=name, cfg=cfg, model=model_copy, forward=compile_blocks(model_copy, cfg.compile),
-                          optimizer=optimizer, scheduler=scheduler, amp=row_amp,
-                          scaler=torch.amp.GradScaler(dev.type) if row_amp == torch.float16 else None,
-                          attack=make_attack(cfg, model_copy),
-                          batches=itertools.cycle(loader), seconds=0.0, samples=0, steps=0, peak=0))
-
-    def run_steps(s, n):
-        s["model"].train()
-        loss = None
-        for _ in range(n):
-            batch, y = next(s["batches"])
-            loss = micro_step(s["attack"], s["forward"], batch, y, dev, s["amp"], s["scaler"])
-            optimizer_step(s["model"], s["optimizer"], s["scheduler"], s["scaler"], s["cfg"].max_grad_norm)
-            s["samples"] += len(y)
-        return loss.item()  # waits for the device
-
-    probe = _memory_probe(dev)
-    for s in state:
-        run_steps(s, warmup)
-        s["samples"] = 0
-    for r in range(rounds):
-        for s in tqdm(state, desc=f"bench round {r + 1}/{rounds}", leave=False):
-            before = probe[0]() if probe else 0
-            start = time.perf_counter()
-            run_steps(s, steps)
-            s["seconds"] += time.perf_counter() - start
-            s["steps"] += steps
-            if probe:
-                resident = sum(p.numel() * p.element_size() for p in s["model"].parameters())
-                resident += sum(t.numel() * t.element_size() for st in s["optimizer"].state.values()
-                                for t in st.values() if torch.is_tensor(t))
-                s["peak"] = max(s["peak"], probe[1]() - before + resident)
-
-    predictor = state[2]
-    start = time.perf_counter()
-    probs = predict_proba(predictor["model"], test_ids, 128, pad_id, dev, predictor["amp"])
-    predict_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    ids = np.arange(len(test_ids))
-    with tempfile.TemporaryDirectory() as tmp:
-        predict_proba(predictor["model"], test_ids, 128, pad_id, dev, predictor["amp"])
-        write_submission(Path(tmp) / "submission.csv", ids, probs.argmax(1), ids)
-    submission_seconds = time.perf_counter() - start
-
-    kit_base = state[2]  # "kit baseline": every attack's step is compared with it
-    table = []
-    for s in state:
-        step_ms = 1000 * s["seconds"] / s["steps"]
-        table.append({"row": s["name"], "batch": s["cfg"].batch_size,
-                      "amp": str(s["amp"]).replace("torch.", "") if s["amp"] else "fp32",
-                      "samples_per_s": round(s["samples"] / s["seconds"], 1), "step_ms": round(step_ms, 2),
-                      "step_vs_kit_baseline": round(step_ms / (1000 * kit_base["seconds"] / kit_base["steps"]), 2),
-                      "speedup_vs_seed_style": round(s["samples"] / s["seconds"]
-                                                     / (state[0]["samples"] / state[0]["seconds"]), 2),
-                      "peak_memory_mb": round(s["peak"] / 2 ** 20, 1) if probe else None})
-    result = {"device": describe_device(dev), "model": described, "texts": source, "train_rows": len(train_ids),
-              "longest_train_text": longest, "steps_per_row": steps * rounds, "rounds": rounds,
-              "versions": versions(), "rows": table,
-              "predict_samples_per_s": round(len(test_ids) / predict_seconds, 1),
-              "submission_seconds": round(submission_seconds, 3), "test_rows": len(test_ids)}
-    text = bench_markdown(result)
-    atomic_write(out / "bench.md", lambda tmp: Path(tmp).write_text(text))
-    write_json(out / "bench.json", result)
-    print(text)
-    return result
-
-
-def bench_markdown(result: dict) -> str:
-    v = result["versions"]
-    lines = [f"# advtrain bench\n\ndevice {result['device']} | model {result['model']} | {result['texts']} "
-             f"({result['train_rows']} training texts, longest {result['longest_train_text']} tokens) | "
-             f"{result['steps_per_row']} timed steps per row in {result['rounds']} alternating rounds | "
-             f"torch {v['torch']}, transformers {v['transformers']}\n",
-             "| row | batch | dtype | samples/s | step ms | step / kit baseline | speed-up vs seed-style | peak MB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['row']} | {r['batch']} | {r['amp']} | {r['samples_per_s']:.1f} | {r['step_ms']:.1f} | "
-                     f"{r['step_vs_kit_baseline']:.2f}x | {r['speedup_vs_seed_style']:.2f}x | "
-                     f"{r['peak_memory_mb'] if r['peak_memory_mb'] is not None else 'n/a'} |")
-    lines.append(f"\nPrediction (the submission path): {result['predict_samples_per_s']:.0f} samples/s; predicting and "
-                 f"writing a {result['test_rows']}-row submission took {result['submission_seconds']:.2f} s.\n")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------
 # Demo: a synthetic competition and a tiny model, built offline (also the tests' fixtures)
 # ---------------------------------------------------------------------------------------------
 
@@ -2202,7 +2031,8 @@ def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
         model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
         settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, overwrite=True, epochs=3,
                         batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, save_model=False)
-        return run(Config(**{**settings, **overrides}))
+        preset = PRESETS.get(overrides.get("preset", ""), {})  # a preset wins over the demo's own sizes
+        return run(Config(**{**{k: v for k, v in settings.items() if k not in preset}, **overrides}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2263,20 +2093,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(sub.add_parser("train", help="fine-tune, evaluate and write a submission"))
     add_config_flags(sub.add_parser("demo", help="the whole pipeline offline on synthetic data and a tiny model"),
                      {"output_dir": "submissions/demo"})
-    b = sub.add_parser("bench", help="training and prediction speed of every method, and of the article's setup")
-    b.add_argument("--model", default="deberta-v3-xsmall",
-                   help="hub name or folder; 'deberta-v3-xsmall' = that architecture with random weights, no "
-                        "download; 'tiny' = a 2-layer model (default: %(default)s)")
-    b.add_argument("--steps", type=int, default=30, help="timed steps per row and round (default: %(default)s)")
-    b.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
-    b.add_argument("--warmup", type=int, default=5, help="untimed steps per row first (default: %(default)s)")
-    b.add_argument("--batch-size", type=int, default=32, help="the kit rows' batch (default: %(default)s)")
-    b.add_argument("--methods", default=",".join(METHODS), help="comma-separated (default: all)")
-    b.add_argument("--data-dir", default="", help="competition folder for real texts (default: as for train)")
-    b.add_argument("--device", default="auto")
-    b.add_argument("--output-dir", default="submissions/bench")
-    b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the kit rows")
-    b.add_argument("--quick", action="store_true", help="tiny model, 2 steps, 1 round: seconds (CI)")
     comp = sub.add_parser("compare", help="every method x seed, a table with intervals, plots, an ensemble")
     comp.add_argument("--methods", default="baseline,fgm,awp,sift", help="comma-separated (default: %(default)s)")
     comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
@@ -2300,14 +2116,6 @@ def main(argv=None) -> int:
             run(config_from_args(args))
         elif args.command == "demo":
             demo(**{k: v for k, v in vars(args).items() if k != "command"})
-        elif args.command == "bench":
-            methods = [m for m in args.methods.split(",") if m]
-            if any(m not in METHODS for m in methods):
-                raise UserError(f"--methods takes names from {', '.join(METHODS)}, got {args.methods!r}.")
-            quick = dict(model="tiny", steps=2, rounds=1, warmup=1) if args.quick else {}
-            bench(**{**dict(model=args.model, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
-                            batch_size=args.batch_size, methods=methods, data_dir=args.data_dir, device=args.device,
-                            output_dir=args.output_dir, compile=args.compile), **quick})
         elif args.command == "compare":
             cfg = config_from_args(args, {"output_dir": "submissions/compare"})
             seeds = [s for s in args.seeds.split(",") if s]

@@ -1,4 +1,5 @@
-"""Shared fixtures: a synthetic competition and tiny models built offline, loaded through from_pretrained."""
+"""Shared fixtures and helpers: a synthetic competition and tiny models built offline, loaded through
+from_pretrained (the real loading path)."""
 import sys
 from pathlib import Path
 
@@ -10,6 +11,24 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import advtrain  # noqa: E402
+
+ATTACKS = {"fgm": advtrain.FGM, "pgd": advtrain.PGD, "freelb": advtrain.FreeLB, "awp": advtrain.AWP,
+           "sift": advtrain.SiFT}
+TEXTS = ["Forest fire near La Ronge", "I love pizza on Friday lol", "Flood hits Tokyo, 40 evacuated",
+         "This album is fire"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end tests (torchrun, notebooks, CLI learning runs, compare, "
+                                       "compile); `make test` skips them, `make test-all` (CI) runs them")
+
+
+def without_dropout(model):
+    """The model with every dropout at p=0, so that two passes over one batch are comparable."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
 
 
 @pytest.fixture(scope="session")
@@ -31,16 +50,11 @@ def arch(request):
 
 @pytest.fixture
 def tiny(model_dirs, arch):
-    """A tiny classifier (dropout off, so passes are comparable), its tokenizer and a batch."""
+    """A tiny classifier (dropout off), its tokenizer and a batch of four labelled tweets."""
     torch.manual_seed(0)
-    model = advtrain.Classifier.from_pretrained(str(model_dirs[arch]), dropout=0.0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = without_dropout(advtrain.Classifier.from_pretrained(str(model_dirs[arch]), dropout=0.0))
     tok = advtrain.load_tokenizer(str(model_dirs[arch]))
-    texts = ["Forest fire near La Ronge", "I love pizza on Friday lol", "Flood hits Tokyo, 40 evacuated",
-             "This album is fire"]
-    ids = advtrain.tokenize(tok, texts, 64)
+    ids = advtrain.tokenize(tok, TEXTS, 64)
     batch, labels = advtrain.Collator(tok.pad_token_id)([(x, y) for x, y in zip(ids, [1, 0, 1, 0])])
     return model, tok, batch, labels
 
@@ -48,6 +62,6 @@ def tiny(model_dirs, arch):
 def base_config(data_dir, model_dir, out, **kw):
     settings = dict(model=str(model_dir), data_dir=str(data_dir), output_dir=str(out), epochs=2, batch_size=16,
                     lr=2e-3, holdout_size=100, valid_size=100, device="cpu", progress=False, save_model=False,
-                    adv_start=0.0)
+                    adv_start="0")
     settings.update(kw)
     return advtrain.Config(**settings)

@@ -1,4 +1,5 @@
 """Method comparison across seeds: runs, table, intervals, plots, resumption, ensemble."""
+import shutil
 import struct
 
 import numpy as np
@@ -17,8 +18,16 @@ def png_size(path):
 def test_paired_interval_matches_a_hand_computation():
     mean, lo, hi = advtrain.paired_interval([0.01, 0.02, 0.03])
     half = 4.303 * 0.01 / np.sqrt(3)
-    assert mean == pytest.approx(0.02) and lo == pytest.approx(0.02 - half) and hi == pytest.approx(0.02 + half)
+    assert mean == pytest.approx(0.02) and lo == pytest.approx(0.02 - half, rel=1e-3)
+    assert hi == pytest.approx(0.02 + half, rel=1e-3)
     assert np.isnan(advtrain.paired_interval([0.5])[1])
+
+
+@pytest.mark.parametrize("n,quantile", [(12, 2.201), (32, 2.040), (3, 4.303)])
+def test_paired_interval_uses_the_exact_t_quantile(n, quantile):
+    diffs = np.arange(n) / 100.0
+    mean, lo, hi = advtrain.paired_interval(diffs)
+    assert (hi - mean) / (diffs.std(ddof=1) / np.sqrt(n)) == pytest.approx(quantile, abs=5e-4)
 
 
 def test_summary_on_a_hand_made_results_table():
@@ -28,6 +37,8 @@ def test_summary_on_a_hand_made_results_table():
         "valid_best": [0.80, 0.81, 0.82, 0.81, 0.82, 0.83, 0.80, 0.80, 0.80],
         "holdout_accuracy": [0.80, 0.80, 0.80, 0.81, 0.81, 0.81, 0.80, 0.79, 0.81],
         "holdout_f1": [0.70, 0.72, 0.74, 0.72, 0.75, 0.77, 0.69, 0.73, 0.73],
+        "holdout_f1_argmax": [0.70, 0.71, 0.74, 0.72, 0.74, 0.77, 0.69, 0.73, 0.72],
+        "attack_seen": [False] * 3 + [True, True, False] + [True] * 3,
     })
     summary, diffs = advtrain.summarize(results)
     assert summary.loc["fgm", ("holdout_f1", "mean")] == pytest.approx(2.24 / 3)
@@ -39,16 +50,18 @@ def test_summary_on_a_hand_made_results_table():
     text = advtrain.results_markdown(results)
     assert "fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero." in text
     assert "awp vs baseline: -0.33 holdout F1 points" in text and "not distinguishable from zero" in text
-    assert "| fgm | 3 | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7467 ± 0.0252 |" in text
+    assert "| fgm | 3 | 2/3 | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7433 ± 0.0252 | 0.7467 ± 0.0252 |" in text
+    assert "| baseline | 3 | n/a |" in text and "| awp | 3 | 3/3 |" in text
 
 
 def compare_args(data_dir, model_dir, out, *extra):
     return ["compare", "--methods", "baseline,fgm", "--seeds", "1,2", "--model", str(model_dir), "--data-dir",
             str(data_dir), "--output-dir", str(out), "--epochs", "1", "--batch-size", "16", "--lr", "2e-3",
-            "--holdout-size", "100", "--valid-size", "100", "--adv-start", "0", "--fgm-eps", "0.1", "--device",
+            "--holdout-size", "100", "--valid-size", "100", "--adv-start", "0", "--eval-every", "0.5", "--device",
             "cpu", "--no-progress", "--no-save-model", *extra]
 
 
+@pytest.mark.slow
 def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     args = compare_args(data_dir, model_dirs["deberta-v2"], out, "--ensemble", "baseline,fgm")
@@ -65,7 +78,7 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     diff = (results[results.method == "fgm"].set_index("seed")["holdout_f1"]
             - results[results.method == "baseline"].set_index("seed")["holdout_f1"]).mean()
     assert f"| fgm | 2 | {100 * diff:+.2f} |" in text
-    for png in ("valid_f1_by_epoch.png", "holdout_f1.png"):
+    for png in ("valid_f1.png", "holdout_f1.png"):
         width, height = png_size(out / png)
         assert width >= 600 and height >= 400 and (out / png).stat().st_size > 10_000
     sub = pd.read_csv(out / "ensemble_submission.csv")
@@ -79,6 +92,7 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     assert (out / "results.md").read_text() == text
 
 
+@pytest.mark.slow
 def test_compare_reruns_only_what_did_not_finish(data_dir, model_dirs, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
@@ -93,3 +107,34 @@ def test_compare_reruns_only_what_did_not_finish(data_dir, model_dirs, tmp_path,
 def test_compare_rejects_unknown_methods(capsys):
     assert advtrain.main(["compare", "--methods", "baseline,magic"]) == 2
     assert "compare needs methods from" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_refuses_a_finished_run_made_with_other_settings(data_dir, model_dirs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cmp"
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    monkeypatch.setattr(advtrain, "run", lambda cfg: pytest.fail("ran before refusing"))
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out) + ["--lr", "1e-4"]) == 2
+    err = capsys.readouterr().err
+    assert "was run with other settings (lr)" in err and "--overwrite" in err
+    monkeypatch.undo()
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out) + ["--lr", "1e-4", "--overwrite"]) == 0
+    for run in ("baseline-seed1", "fgm-seed2"):
+        assert advtrain.json.loads((out / run / "metrics.json").read_text())["config"]["lr"] == 1e-4
+    assert "lr 0.0001" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_compare_counts_only_the_runs_it_defines(data_dir, model_dirs, tmp_path):
+    out = tmp_path / "cmp"
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    shutil.copytree(out / "fgm-seed1", out / "fgm-seed1-copy")  # a copied folder is no extra seed
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert len(results) == 4 and sorted(results["run"]) == ["baseline-seed1", "baseline-seed2", "fgm-seed1",
+                                                            "fgm-seed2"]
+
+
+def test_compare_ensemble_must_name_methods_it_runs(capsys):
+    assert advtrain.main(["compare", "--methods", "baseline", "--ensemble", "fgm"]) == 2
+    assert "--ensemble names fgm" in capsys.readouterr().err

@@ -55,6 +55,7 @@ def test_notebook_metadata_and_format(folder):
     assert nb.cells[0].cell_type == "markdown"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", NOTEBOOK_DIRS, ids=lambda p: p.name)
 def test_notebook_runs_end_to_end_offline(folder, data_dir, model_dirs, tmp_path, monkeypatch):
     lib = tmp_path / "usr" / "lib" / "notebooks" / "someone" / "advtrain"  # a recent image's layout
@@ -64,7 +65,7 @@ def test_notebook_runs_end_to_end_offline(folder, data_dir, model_dirs, tmp_path
     env = {"LIB": str(tmp_path / "usr" / "lib"), "MODEL": str(model_dirs["deberta-v2"]), "DATA_DIR": str(data_dir),
            "OUTPUT_DIR": str(out), "EPOCHS": "1", "DEVICE": "cpu", "PROGRESS": "0", "HOLDOUT_SIZE": "100",
            "VALID_SIZE": "100", "LR": "2e-3", "BATCH_SIZE": "16", "ADV_START": "0", "SAVE_MODEL": "0",
-           "FGM_EPS": "0.1", "METHODS": "baseline,fgm", "SEEDS": "1,2"}
+           "EVAL_EVERY": "1", "METHODS": "baseline,fgm", "SEEDS": "1,2"}
     for key, value in env.items():
         monkeypatch.setenv(f"ADVTRAIN_{key}", value)
     meta = json.loads((folder / "kernel-metadata.json").read_text())

@@ -20,22 +20,24 @@ def baseline_run(data_dir, model_dirs, tmp_path_factory):
 
 def test_training_learns_the_synthetic_task(baseline_run):
     _, metrics = baseline_run
-    losses = [e["train_loss"] for e in metrics["epochs"]]
+    losses = [e["train_loss"] for e in metrics["evaluations"]]
     assert losses[-1] < losses[0] < 0.75
-    assert metrics["holdout"]["accuracy"] > 0.8 and metrics["holdout"]["f1"] > 0.75
-    assert metrics["valid_best"]["epoch"] in (1, 2, 3)
+    assert metrics["score"]["argmax"]["accuracy"] > 0.8 and metrics["score"]["tuned"]["f1"] > 0.75
+    assert metrics["selected"][0]["epoch"] in [e["epoch"] for e in metrics["evaluations"]]
 
 
 def test_metrics_json_holds_the_contract(baseline_run):
     out, metrics = baseline_run
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["holdout"] == metrics["holdout"]
-    for key in ("config", "epochs", "valid_best", "holdout", "train_samples_per_s", "device", "versions"):
+    assert saved["score"] == metrics["score"] and saved["score"]["on"] == "holdout"
+    for key in ("config", "evaluations", "selected", "valid_best", "score", "attack_seen", "train_samples_per_s",
+                "eval_seconds", "device", "versions"):
         assert key in saved
     assert saved["config"]["method"] == "baseline" and saved["config"]["max_len"] > 0
-    assert {"valid_accuracy", "valid_f1", "train_loss", "seconds"} <= set(saved["epochs"][0])
+    assert {"epoch", "step", "valid_accuracy", "valid_f1", "train_loss", "attack_seen", "eval_seconds",
+            "fold"} <= set(saved["evaluations"][0])
     assert {"torch", "transformers"} <= set(saved["versions"])
-    assert (out / "train.log").read_text().count("valid acc") == 3
+    assert (out / "train.log").read_text().count("valid acc") == len(saved["evaluations"]) == 12
     assert (out / "model.pt").is_file()
 
 
@@ -48,7 +50,8 @@ def test_submission_has_the_test_ids_in_order_and_integer_targets(baseline_run, 
     assert set(sub["target"].unique()) <= {0, 1} and sub["target"].dtype.kind == "i"
     probs = pd.read_csv(out / "test_probs.csv")
     assert probs["id"].tolist() == sample["id"].tolist()
-    assert ((probs["prob"] > 0.5).astype(int) == sub["target"]).all()
+    threshold = advtrain.json.loads((out / "metrics.json").read_text())["score"]["threshold"]
+    assert ((probs["prob"] > threshold).astype(int) == sub["target"]).all()
     oof = pd.read_csv(out / "oof.csv")
     assert (oof["split"] == "holdout").sum() == 100 and (oof["split"] == "valid").sum() == 100
 
@@ -57,13 +60,13 @@ def test_same_seed_same_predictions(data_dir, model_dirs, tmp_path):
     runs = [advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / f"r{i}", epochs=1)) for i in range(2)]
     probs = [pd.read_csv(tmp_path / f"r{i}" / "test_probs.csv")["prob"].to_numpy() for i in range(2)]
     np.testing.assert_array_equal(probs[0], probs[1])
-    assert runs[0]["holdout"] == runs[1]["holdout"]
+    assert runs[0]["score"] == runs[1]["score"]
 
 
 def test_bf16_autocast_path_runs(data_dir, model_dirs, tmp_path):
     metrics = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "bf16", epochs=1, amp="bf16",
                                        method="fgm"))
-    assert metrics["amp"] == "bfloat16" and np.isfinite(metrics["epochs"][0]["train_loss"])
+    assert metrics["amp"] == "bfloat16" and np.isfinite(metrics["evaluations"][0]["train_loss"])
 
 
 def test_kfold_writes_out_of_fold_predictions_for_every_row(data_dir, model_dirs, tmp_path):
@@ -72,8 +75,11 @@ def test_kfold_writes_out_of_fold_predictions_for_every_row(data_dir, model_dirs
     oof = pd.read_csv(tmp_path / "kf" / "oof.csv")
     train = pd.read_csv(data_dir / "train.csv")
     assert sorted(oof["id"]) == sorted(train["id"]) and set(oof["fold"]) == {0, 1, 2}
-    assert metrics["holdout"]["source"] == "out-of-fold predictions"
-    assert len(metrics["epochs"]) == 3 and {e["fold"] for e in metrics["epochs"]} == {0, 1, 2}
+    assert metrics["score"]["on"] == "out-of-fold" and metrics["score"]["rows"] == len(train)
+    assert {e["fold"] for e in metrics["evaluations"]} == {0, 1, 2} and len(metrics["selected"]) == 3
+    # one shape whatever the number of folds
+    single = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "one", epochs=1))
+    assert set(single) == set(metrics) and set(single["score"]) == set(metrics["score"])
 
 
 def test_existing_output_dir_is_protected(baseline_run, data_dir, model_dirs, capsys):
@@ -127,6 +133,7 @@ def test_bad_setting_is_one_line(capsys):
     assert "batch_size must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_contract_and_check_submission(data_dir, model_dirs, tmp_path):
     out = tmp_path / "cli"
     cmd = [sys.executable, str(ROOT / "advtrain.py"), "train", "--method", "baseline", "--model",
@@ -135,7 +142,7 @@ def test_cli_contract_and_check_submission(data_dir, model_dirs, tmp_path):
            "--device", "cpu", "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "epoch 1/1 | loss" in done.stdout
+    assert "epoch 1.00 | loss" in done.stdout
     assert json.loads((out / "metrics.json").read_text())["config"]["seed"] == 7
     check = [sys.executable, str(ROOT / "advtrain.py"), "check-submission", "--data-dir", str(data_dir)]
     ok = subprocess.run(check + [str(out / "submission.csv")], capture_output=True, text=True, timeout=120)
@@ -154,22 +161,174 @@ def test_check_submission_refuses_bad_targets():
         advtrain.check_submission(sub.assign(target=0), [1, 2, 3])
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_the_table(tmp_path, data_dir):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench
+
     out = tmp_path / "bench"
-    assert advtrain.main(["bench", "--quick", "--data-dir", str(data_dir), "--output-dir", str(out),
-                          "--device", "cpu", "--methods", "fgm,awp"]) == 0
+    assert bench.main(["--quick", "--data-dir", str(data_dir), "--output-dir", str(out), "--device", "cpu",
+                       "--methods", "fgm,awp"]) == 0
     result = json.loads((out / "bench.json").read_text())
     rows = {r["row"]: r for r in result["rows"]}
     assert set(rows) == {"seed-style (article setup)", "kit, batch 8", "kit baseline", "kit fgm", "kit awp"}
-    assert rows["kit baseline"]["step_vs_kit_baseline"] == 1.0
     assert all(r["samples_per_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
-    assert rows["seed-style (article setup)"]["speedup_vs_seed_style"] == 1.0
+    # ratios are against the rows they name: each row's step time over the kit baseline's
+    for r in rows.values():
+        assert r["step_vs_kit_baseline"] == pytest.approx(r["step_ms"] / rows["kit baseline"]["step_ms"], rel=0.02)
     assert result["submission_seconds"] > 0 and result["test_rows"] == 120 and "torch" in result["versions"]
     text = (out / "bench.md").read_text()
-    assert "| kit awp | 32 | fp32 |" in text and "competition files" in text
+    assert "| kit awp | 32 | fp32 |" in text and "competition files" in text and str(tmp_path) not in text
+    assert bench.main(["--methods", "magic"]) == 2
 
 
 def test_readme_config_table_lists_every_field():
     readme = (ROOT / "README.md").read_text()
     for f in advtrain.dataclasses.fields(advtrain.Config):
         assert f"| `--{f.name.replace('_', '-')}` |" in readme, f.name
+
+
+# --- evaluation within epochs, checkpoint selection, threshold ------------------------------------
+
+def test_evaluation_steps_fractions_and_step_counts():
+    assert advtrain.evaluation_steps(0.25, 10, 2) == [2, 5, 8, 10, 12, 15, 18, 20]
+    assert advtrain.evaluation_steps(1.0, 10, 2) == [10, 20]
+    assert advtrain.evaluation_steps(4, 10, 2) == [4, 8, 10, 12, 16, 20]
+    assert advtrain.evaluation_steps(0.25, 2, 1) == [1, 2]  # never twice at one step, never at step 0
+
+
+def test_the_checkpoint_is_chosen_among_mid_epoch_evaluations(data_dir, model_dirs, tmp_path, monkeypatch):
+    scripted = iter([0.50, 0.90, 0.60, 0.70, 0.80, 0.85, 0.89, 0.88])  # best: the 2nd evaluation, mid epoch 1
+    real_metrics, real_predict, states = advtrain.binary_metrics, advtrain.predict_proba, []
+
+    def metrics(y_true, y_pred):
+        score = next(scripted, None)
+        return real_metrics(y_true, y_pred) if score is None else {"accuracy": score, "f1": score}
+
+    def predict(model, ids, *args, **kwargs):
+        if len(ids) == 90 and len(states) < 8:  # the validation set, during training
+            states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_predict(model, ids, *args, **kwargs)
+
+    monkeypatch.setattr(advtrain, "binary_metrics", metrics)
+    monkeypatch.setattr(advtrain, "predict_proba", predict)
+    out = tmp_path / "mid"
+    result = advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=2, valid_size=90, eval_every=0.25,
+                                      save_model=True, method="fgm", adv_start="0.25"))
+    assert len(result["evaluations"]) == len(states) == 8
+    assert result["selected"][0]["step"] == result["evaluations"][1]["step"] < result["evaluations"][3]["step"]
+    assert 0.4 < result["selected"][0]["epoch"] == result["evaluations"][1]["epoch"] < 0.6
+    assert result["attack_seen"] is True
+    assert [e["attack_seen"] for e in result["evaluations"]] == [False] + [True] * 7
+    saved = torch.load(out / "model.pt")
+    assert all(torch.equal(saved[k], states[1][k]) for k in saved)
+    assert "(valid f1 0.9000), after the attack started" in (out / "train.log").read_text()
+
+
+def brute_force_best_f1(y, p):
+    best = 0.0
+    for t in np.concatenate([np.linspace(-0.01, 1.01, 2001), np.unique(p), np.unique(p) - 1e-9]):
+        best = max(best, advtrain.binary_metrics(y, (p > t).astype(int))["f1"])
+    return best
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_search_matches_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 40)
+    p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 40), 0, 1).round(2)  # ties included
+    t = advtrain.best_threshold(y, p)
+    assert advtrain.binary_metrics(y, (p > t).astype(int))["f1"] == pytest.approx(brute_force_best_f1(y, p))
+    assert 0 <= t <= 1
+
+
+def test_threshold_setting_reaches_the_submission(data_dir, model_dirs, tmp_path):
+    fixed = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "fixed", epochs=1, threshold="0.9"))
+    assert fixed["score"]["threshold"] == 0.9
+    probs = pd.read_csv(tmp_path / "fixed" / "test_probs.csv")["prob"]
+    sub = pd.read_csv(tmp_path / "fixed" / "submission.csv")["target"]
+    assert ((probs > 0.9).astype(int) == sub).all()
+    argmax = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "argmax", epochs=1,
+                                      threshold="argmax"))
+    assert argmax["score"]["threshold"] == 0.5 and argmax["score"]["argmax"] == argmax["score"]["tuned"]
+
+
+def test_last_partial_accumulation_group_has_full_weight(data_dir, model_dirs, tmp_path, monkeypatch):
+    seen, real = [], advtrain.micro_step
+    monkeypatch.setattr(advtrain, "micro_step", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "acc", epochs=1, batch_size=120, grad_accum=2,
+                             eval_every=1.0))
+    assert seen == [2, 2, 2, 2, 2, 2, 1]  # 800 rows / 120 = 7 micro-batches: the 7th is a group of its own
+
+
+# --- settings ------------------------------------------------------------------------------------
+
+def test_presets_apply_through_the_python_api_and_explicit_settings_win(data_dir, model_dirs, tmp_path):
+    cfg = advtrain.Config(preset="article")
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.fgm_scope, cfg.threshold) == (2e-6, 8, 5, "vocab", "argmax")
+    assert advtrain.Config(preset="article", lr=1e-5, epochs=1).lr == 1e-5
+    metrics = advtrain.demo(str(tmp_path / "demo"), preset="article", epochs=1, progress=False)
+    assert metrics["config"]["batch_size"] == 8 and metrics["config"]["lr"] == 2e-6
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(lr=float("nan")), "lr must be a finite number"), (dict(lr=-1e-3), "lr must be positive"),
+    (dict(dropout=1.5), "dropout is a probability"), (dict(seed=-1), "seed must not be negative"),
+    (dict(num_workers=-1), "num_workers must not be negative"), (dict(max_len=-5), "max_len must not be negative"),
+    (dict(device="foo"), "device must be auto, cpu, cuda"), (dict(device="mps"), "device must be"),
+    (dict(holdout_size=0), "holdout_size and valid_size must be at least 1"),
+    (dict(holdout_size=-5), "holdout_size and valid_size"), (dict(fgm_eps=float("nan")), "fgm_eps must be a finite"),
+    (dict(eval_every=0), "eval_every"), (dict(eval_every=2.5), "eval_every"), (dict(threshold="1.5"), "threshold"),
+])
+def test_every_setting_is_checked_when_the_config_is_built(setting, message):
+    with pytest.raises(advtrain.UserError, match=message):
+        advtrain.Config(**setting)
+
+
+def test_env_overrides_are_checked_too():
+    with pytest.raises(advtrain.UserError, match="lr must be a finite"):
+        advtrain.env_overrides(advtrain.Config(), {"ADVTRAIN_LR": "nan"})
+    with pytest.raises(advtrain.UserError, match="device must be"):
+        advtrain.env_overrides(advtrain.Config(), {"ADVTRAIN_DEVICE": "gpu"})
+
+
+def test_kfold_with_more_folds_than_rows_of_a_class_is_refused_before_training(tmp_path, model_dirs):
+    data = advtrain.make_demo_data(tmp_path / "small", n_train=40, n_test=10)
+    with pytest.raises(advtrain.UserError, match="n_folds=30 is more than"):
+        advtrain.run(base_config(data, model_dirs["bert"], tmp_path / "kf", split="kfold", n_folds=30,
+                                 holdout_size=1, valid_size=1))
+
+
+# --- nothing silently wrong ----------------------------------------------------------------------
+
+def test_a_diverging_loss_stops_the_run_with_one_sentence(data_dir, model_dirs, tmp_path, monkeypatch, capsys):
+    real = advtrain.micro_step
+    monkeypatch.setattr(advtrain, "micro_step", lambda *a: real(*a) * float("nan"))
+    out = tmp_path / "nan"
+    code = advtrain.main(["train", "--model", str(model_dirs["bert"]), "--data-dir", str(data_dir), "--output-dir",
+                          str(out), "--epochs", "1", "--holdout-size", "100", "--valid-size", "100", "--device", "cpu",
+                          "--no-progress"])
+    assert code == 2 and "training diverged" in capsys.readouterr().err
+    assert not (out / "submission.csv").exists() and not (out / "metrics.json").exists()
+
+
+def test_metrics_json_is_strict_json(tmp_path):
+    advtrain.write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": {"d": 2}})
+
+    def refuse(name):
+        raise ValueError(name)
+
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=refuse) == {"a": None, "b": [1.0, None],
+                                                                                     "c": {"d": 2}}
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(data_dir, model_dirs, tmp_path, capsys):
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for f in model_dirs["bert"].iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    code = advtrain.main(["train", "--model", str(folder), "--data-dir", str(data_dir), "--output-dir",
+                          str(tmp_path / "out"), "--epochs", "1", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and ("tokenizer" in err.lower()), err

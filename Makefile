@@ -31,6 +31,9 @@ test: setup  ## the fast tests (CPU, offline, under 2 minutes)
 test-all: setup  ## every test, the slow end-to-end ones too (torchrun, notebooks, compare, compile); what CI runs
 	$(BIN)/python -m pytest -q tests
 
+lint: setup  ## ruff with the settings in pyproject.toml
+	$(BIN)/python -m ruff check advtrain.py tools tests
+
 train: setup  ## make train METHOD=awp ARGS="--epochs 3" -> submissions/$(METHOD)/
 	$(BIN)/python advtrain.py train --method $(METHOD) --output-dir submissions/$(METHOD) $(ARGS)
 

@@ -19,8 +19,10 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -65,7 +67,8 @@ class Config:
     model: str = _opt("microsoft/deberta-v3-xsmall", "hub name or local folder of a Hugging Face encoder")
     data_dir: str = _opt("", "folder with train.csv/test.csv; empty: the Kaggle mount, else ./data")
     output_dir: str = _opt("submissions/run", "where submission.csv, metrics.json, train.log and the model go")
-    overwrite: bool = _opt(False, "allow writing into a non-empty output_dir")
+    overwrite: bool = _opt(False, "replace the files of an earlier run in output_dir (only once this run succeeds)")
+    resume: bool = _opt(False, "continue the interrupted run in output_dir from its last completed epoch")
     seed: int = _opt(42, "seed of the data split, the shuffling and the initialisation")
     device: str = _opt("auto", "auto (cuda if present), cuda, cuda:1, cpu")
     # data
@@ -166,7 +169,8 @@ class Config:
             raise UserError(f"eval_every is a fraction of an epoch in (0, 1] or a whole number of optimizer steps, "
                             f"got {self.eval_every}.")
         if self.adv_start not in ("warmup", "auto") and not _is_number(self.adv_start, minimum=0):
-            raise UserError(f"adv_start must be warmup, auto or an epoch >= 0 such as 1 or 0.5, got {self.adv_start!r}.")
+            raise UserError(f"adv_start must be warmup, auto or an epoch >= 0 such as 1 or 0.5, "
+                            f"got {self.adv_start!r}.")
         if self.threshold not in ("auto", "argmax") and not _is_number(self.threshold, minimum=0, maximum=1):
             raise UserError(f"threshold must be auto, argmax or a probability in [0, 1], got {self.threshold!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
@@ -1157,13 +1161,15 @@ def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumula
                            accumulation_steps)
 
 
-def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name=""):
+def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name="",
+               resume: dict | None = None, checkpoint=None):
     """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
     evaluation's weights (on the CPU).
 
     train_data and valid_data are (token ids, labels). Returns a dict with one row per evaluation,
     the best one, its state_dict and validation probabilities, the attack's start, scale and skip
-    count, and the training and evaluation times."""
+    count, and the training and evaluation times. After every epoch checkpoint(state) receives all it
+    takes to continue from there (resume=state), with the same result as a run never interrupted."""
     loader = make_loader(*train_data, batch_size=cfg.batch_size, shuffle=True,
                          collator=Collator(pad_id, cfg.max_len if cfg.pad_to_max else None), seed=cfg.seed,
                          group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
@@ -1193,8 +1199,23 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
     history, best, best_state, best_probs, adv_started, adv_steps = [], None, None, None, None, 0
     train_seconds = eval_seconds = 0.0
     window_loss, window_batches = torch.zeros((), device=device), 0
+    first_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume["scaler"] is not None:
+            scaler.load_state_dict(resume["scaler"])
+        gate.start, gate.best = resume["gate"]
+        history, best, best_state, best_probs = resume["history"], resume["best"], resume["best_state"], \
+            resume["best_probs"]
+        adv_started, adv_steps, first_epoch = resume["adv_started"], resume["adv_steps"], resume["epoch"]
+        train_seconds, eval_seconds = resume["train_seconds"], resume["eval_seconds"]
+        attack.skipped = torch.tensor(resume["skipped"])
+        set_rng_state(resume["rng"])
+        log.info(f"{name}resumed after epoch {first_epoch} of {cfg.epochs}")
 
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         loader.batch_sampler.set_epoch(epoch)
         model.train()
         tick = time.perf_counter()
@@ -1252,6 +1273,13 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
             model.train()
             tick = time.perf_counter()
         bar.close()
+        if checkpoint is not None:
+            checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                        "gate": (gate.start, gate.best), "history": history, "best": best, "best_state": best_state,
+                        "best_probs": best_probs, "adv_started": adv_started, "adv_steps": adv_steps,
+                        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
+                        "skipped": int(attack.skipped), "rng": rng_state()})
     skips = int(attack.skipped)
     if skips:
         log.info(f"{name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without perturbation")
@@ -1268,7 +1296,8 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
     """The transformer's stack of layers: the largest nn.ModuleList of at least two modules of one class."""
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
+    stacks = [m for m in model.modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(b) for b in m}) == 1]
     return max(stacks, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
 
 
@@ -1462,6 +1491,9 @@ def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as an ordinary new file would be, not mkstemp's 0600
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -1499,25 +1531,90 @@ def write_json(path: Path, obj) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_output_dir(path: str, overwrite: bool, create: bool = True) -> Path:
+# A run writes into output_dir/.advtrain-run/ and moves its files into output_dir only once it has
+# succeeded; after a failure that folder keeps the log (with the error) and the last epoch's
+# checkpoint for --resume, and blocks nothing. output_dir/.advtrain.lock keeps two runs apart.
+STAGE, LOCK, CHECKPOINT = ".advtrain-run", ".advtrain.lock", "checkpoint.pt"
+RUN_FILES = ("submission.csv", "test_probs.csv", "oof.csv", "metrics.json", "train.log", "model.pt")
+
+
+def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:
+    """Check output_dir before anything is loaded: a folder, and without earlier results unless asked."""
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a folder with --output-dir.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} already holds files from an earlier run: pass --overwrite to replace them, "
-                        "or choose another --output-dir.")
-    if create:
-        out.mkdir(parents=True, exist_ok=True)
+    earlier = [p for p in out.iterdir() if not p.name.startswith(".advtrain")] if out.is_dir() else []
+    if earlier and not overwrite and not resume:
+        raise UserError(f"{out} already holds files from an earlier run: pass --overwrite to replace them (once "
+                        "this run succeeds), or choose another --output-dir.")
+    if resume and not (out / STAGE / CHECKPOINT).is_file():
+        raise UserError(f"--resume: {out / STAGE} holds no checkpoint of an interrupted run (one is written at the "
+                        "end of every epoch): run without --resume.")
     return out
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
-def logging_to(logfile: Path | None):
+def output_lock(out: Path):
+    """Hold output_dir/.advtrain.lock for the duration of a run; a lock left by a dead process is taken over."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            text = lock.read_text().strip() if lock.is_file() else ""
+            pid = int(text) if text.isdigit() else 0
+            if pid and pid != os.getpid() and _alive(pid):
+                raise UserError(f"{out} is being written by another advtrain run (process {pid}): wait for it to "
+                                "finish, or choose another --output-dir.") from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise UserError(f"Could not take the lock {lock}: remove it if no advtrain run is writing into {out}.")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move a finished run's files from stage into out. The earlier metrics.json goes first and the new
+    one comes last, so a metrics.json always sits beside the files of its own run; files of an earlier
+    run that this one did not write (model.pt after --no-save-model) are removed."""
+    new = sorted((p.name for p in stage.iterdir() if p.is_file() and p.name != CHECKPOINT),
+                 key=lambda name: name == "metrics.json")
+    (out / "metrics.json").unlink(missing_ok=True)
+    for p in out.iterdir():
+        ours = p.name in RUN_FILES or (p.name.startswith("model_fold") and p.suffix == ".pt")
+        if p.is_file() and ours and p.name not in new:
+            p.unlink()
+    for name in new:
+        os.replace(stage / name, out / name)
+    for p in stage.iterdir():
+        p.unlink()
+    stage.rmdir()
+
+
+@contextlib.contextmanager
+def logging_to(logfile: Path | None, append: bool = False):
     """Log lines go to stdout and to logfile for the duration of a run (nowhere when logfile is None)."""
     if logfile is None:
         handlers = [logging.NullHandler()]
     else:
-        handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(logfile, mode="w", encoding="utf-8")]
+        handlers = [logging.StreamHandler(sys.stdout),
+                    logging.FileHandler(logfile, mode="a" if append else "w", encoding="utf-8")]
         handlers[1].setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -1542,21 +1639,45 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM (a Kaggle session ending): the run stops, its checkpoint stays for --resume."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def run(cfg: Config) -> dict:
     """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and
     model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json).
-    Under torchrun every process trains its share; rank 0 alone logs and writes."""
+    The files appear once the run has succeeded (see STAGE); a failed run leaves the earlier ones as
+    they were. Under torchrun every process trains its share; rank 0 alone logs and writes."""
     started_group = init_distributed()
     try:
-        out = prepare_output_dir(cfg.output_dir, cfg.overwrite, create=False)
+        out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
+        stage = out / STAGE
         if world_size() > 1:
             dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if rank() > 0:
             with logging_to(None):
-                return _run(cfg, out)
-        out.mkdir(parents=True, exist_ok=True)
-        with logging_to(out / "train.log"):
-            return _run(cfg, out)
+                return _run(cfg, stage)
+        with output_lock(out):
+            if not cfg.resume and stage.exists():
+                for p in stage.iterdir():
+                    p.unlink()
+            stage.mkdir(exist_ok=True)
+            with logging_to(stage / "train.log", append=cfg.resume):
+                try:
+                    metrics = _run(cfg, stage)
+                except (UserError, Interrupted, KeyboardInterrupt, OSError) as e:
+                    why = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else str(e)
+                    kept = (" (its last completed epoch is kept: rerun with --resume)"
+                            if (stage / CHECKPOINT).is_file() else "")
+                    log.error(f"run stopped: {why}; the log of this run is {stage / 'train.log'}{kept}")
+                    raise
+                publish(stage, out)
+                log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
+            return metrics
     finally:
         if started_group:
             dist.destroy_process_group()
@@ -1634,32 +1755,80 @@ def make_folds(cfg: Config, targets) -> list[tuple[np.ndarray, np.ndarray, np.nd
 
 def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
     """Train one model per fold; returns the per-fold results, the out-of-fold table (validation and
-    holdout probabilities of every fold's best evaluation) and the test probabilities averaged over folds."""
+    holdout probabilities of every fold's best evaluation) and the test probabilities averaged over folds.
+    At the end of every epoch the whole training state goes to out/checkpoint.pt, from which
+    cfg.resume continues (finished folds are not trained again)."""
     ids, targets = data["train_ids"], data["targets"]
-    test_probs = np.zeros(len(data["test_ids"]), dtype=np.float64)
-    results, oof_rows = [], []
+    saved = load_checkpoint(out / CHECKPOINT, cfg) if cfg.resume else {"completed": [], "current": None}
+    completed = saved["completed"]
+
+    def checkpoint(current):
+        if rank() == 0:
+            state = {"config": dataclasses.asdict(cfg), "completed": completed, "current": current}
+            atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
     for k, (tr, va, ho) in enumerate(folds):
+        if k < len(completed):
+            log.info(f"fold {k + 1}/{len(folds)}: finished before the interruption, not trained again")
+            continue
         name = f"fold {k + 1}/{len(folds)} " if len(folds) > 1 else ""
         seed_everything(cfg.seed)
         model = Classifier.from_pretrained(data["model_path"], pooling=cfg.pooling, dropout=cfg.dropout).to(device)
+        current = saved["current"] if saved["current"] and saved["current"]["fold"] == k else None
         result = train_fold(cfg, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
-                            device, amp_dtype, data["pad_id"], name)
+                            device, amp_dtype, data["pad_id"], name, resume=current,
+                            checkpoint=lambda state, k=k: checkpoint(dict(state, fold=k)))
         model.load_state_dict(result.pop("state"))
         parts = [("valid", va, result.pop("valid_probs"))]
         if len(ho):
             parts.append(("holdout", ho, predict_proba(model, [ids[i] for i in ho], cfg.eval_batch_size,
                                                        data["pad_id"], device, amp_dtype)[:, 1]))
-        for part, rows, prob in parts:
-            oof_rows.append(pd.DataFrame({"id": data["train"]["id"].to_numpy()[rows], "target": targets[rows],
-                                          "prob": prob, "split": part, "fold": k}))
-        test_probs += predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device,
-                                    amp_dtype)[:, 1] / len(folds)
+        oof = [pd.DataFrame({"id": data["train"]["id"].to_numpy()[rows], "target": targets[rows], "prob": prob,
+                             "split": part, "fold": k}) for part, rows, prob in parts]
+        test = predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device, amp_dtype)[:, 1]
         if cfg.save_model and rank() == 0:
-            path = out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt")
-            atomic_write(path, lambda tmp, m=model: torch.save(m.state_dict(), tmp))
-        results.append(result)
+            save_model(model, out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt"))
+        completed.append({"result": result, "oof": oof, "test": test})
+        checkpoint(None)
         del model
-    return results, pd.concat(oof_rows, ignore_index=True), test_probs
+    results = [c["result"] for c in completed]
+    test_probs = np.mean([c["test"] for c in completed], axis=0)
+    return results, pd.concat([df for c in completed for df in c["oof"]], ignore_index=True), test_probs
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict:
+    """The checkpoint of an interrupted run, if it was made with the same settings."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, ValueError) as e:
+        raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}): run without --resume.") from None
+    differ = _same_settings(saved["config"], cfg)
+    if differ:
+        raise UserError(f"--resume: the interrupted run used other settings ({', '.join(differ)}): resume with "
+                        "the same settings, or run without --resume.")
+    return saved
+
+
+def save_model(model: nn.Module, path: Path) -> None:
+    """model.pt; a full disk costs the model file, never the submission (written with the other outputs)."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+    except (OSError, RuntimeError) as e:
+        log.warning(f"{path.name} not saved ({str(e).splitlines()[0]}): free some disk space, or pass "
+                    "--no-save-model; the submission and metrics are written all the same")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def decide_threshold(cfg: Config, valid: pd.DataFrame) -> float:
@@ -1717,7 +1886,6 @@ def write_outputs(out: Path, data: dict, oof: pd.DataFrame, test_probs, metrics:
     atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
     atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
     write_json(out / "metrics.json", metrics)
-    log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1741,7 +1909,7 @@ def run_dir_name(method: str, seed: int) -> str:
 
 
 # Settings that do not change a run's result: a finished run is reused whatever they were.
-_NOT_RESULTS = ("output_dir", "overwrite", "progress", "num_workers")
+_NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
 
 
 def _same_settings(recorded: dict, wanted: Config) -> list[str]:
@@ -2082,12 +2250,11 @@ def launch(cfg: Config, nproc: int) -> dict:
 def config_from_args(args: argparse.Namespace, base: dict | None = None) -> Config:
     names = {f.name for f in dataclasses.fields(Config)}
     given = {k: v for k, v in vars(args).items() if k in names}
-    preset = given.get("preset", (base or {}).get("preset", ""))
-    return Config(**{**(base or {}), **PRESETS.get(preset, {}), **given})
+    return Config(**{**(base or {}), **given})  # Config fills what is still at its default from the preset
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="advtrain.py", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="advtrain.py", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"advtrain {__version__}")
     sub = parser.add_subparsers(dest="command")
     add_config_flags(sub.add_parser("train", help="fine-tune, evaluate and write a submission"))
@@ -2104,9 +2271,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse reads `--lr -1e-3` as two flags; say how to write a negative number instead."""
+
+    def error(self, message):
+        if "expected one argument" in message:
+            message += " (for a negative number write it as --flag=-1e-3)"
+        super().error(message)
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         if args.command is None:  # what a Kaggle utility-script run does: show what this is, succeed
             print(f"advtrain {__version__} (torch {torch.__version__}, transformers {transformers.__version__}): "
@@ -2132,6 +2314,19 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"advtrain: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system: permissions, a full disk, a folder where a file should be
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"advtrain: error: {e.strerror or e}{where}: check that the path exists and is writable, and "
+              "that the disk has space.", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Interrupted) as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"advtrain: stopped by {signal.Signals(signum).name}; an interrupted run continues with --resume.",
+              file=sys.stderr)
+        return 128 + signum
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

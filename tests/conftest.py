@@ -18,11 +18,6 @@ TEXTS = ["Forest fire near La Ronge", "I love pizza on Friday lol", "Flood hits 
          "This album is fire"]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: end-to-end tests (torchrun, notebooks, CLI learning runs, compare, "
-                                       "compile); `make test` skips them, `make test-all` (CI) runs them")
-
-
 def without_dropout(model):
     """The model with every dropout at p=0, so that two passes over one batch are comparable."""
     for m in model.modules():

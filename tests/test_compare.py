@@ -48,7 +48,8 @@ def test_summary_on_a_hand_made_results_table():
     assert fgm["holdout_f1_diff"] == pytest.approx(0.08 / 3)
     assert fgm["holdout_f1_lo"] == pytest.approx(0.0266667 - 4.303 * 0.0057735 / np.sqrt(3), rel=1e-4)
     text = advtrain.results_markdown(results)
-    assert "fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero." in text
+    assert ("fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero."
+            in text)
     assert "awp vs baseline: -0.33 holdout F1 points" in text and "not distinguishable from zero" in text
     assert "| fgm | 3 | 2/3 | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7433 ± 0.0252 | 0.7467 ± 0.0252 |" in text
     assert "| baseline | 3 | n/a |" in text and "| awp | 3 | 3/3 |" in text

@@ -116,7 +116,8 @@ def kit(tmp_path, data_dir):
     repo = tmp_path / "repo"
     for name in ("Makefile", "advtrain.py", "kernel-metadata.json", "requirements.txt", "requirements-dev.txt",
                  "constraints-ci.txt"):
-        shutil.copy2(ROOT / name, repo / name) if repo.exists() else (repo.mkdir(), shutil.copy2(ROOT / name, repo / name))
+        repo.mkdir(exist_ok=True)
+        shutil.copy2(ROOT / name, repo / name)
     shutil.copytree(ROOT / "tools", repo / "tools")
     shutil.copytree(ROOT / "notebooks", repo / "notebooks")
     bin_dir = tmp_path / "bin"

@@ -239,59 +239,73 @@ KAGGLE_INPUT = Path("/kaggle/input")
 KAGGLE_MOUNTS = ("competitions/nlp-getting-started", "nlp-getting-started")
 
 
-def find_data_dir(data_dir: str = "") -> Path:
-    """An explicit folder wins; else the Kaggle competition mount; else any train.csv under
-    /kaggle/input; else ./data."""
+def find_data_dir(data_dir: str = "", needs: str = "train.csv") -> Path:
+    """An explicit folder wins; else the Kaggle competition mount; else any folder under /kaggle/input
+    holding `needs`; else ./data."""
     if data_dir:
         path = Path(data_dir)
-        if not (path / "train.csv").is_file():
-            raise UserError(f"{path / 'train.csv'} not found: point --data-dir at the folder holding the "
+        if not (path / needs).is_file():
+            raise UserError(f"{path / needs} not found: point --data-dir at the folder holding the "
                             "competition's train.csv and test.csv (`make data` downloads them).")
         return path
     for mount in KAGGLE_MOUNTS:
-        if (KAGGLE_INPUT / mount / "train.csv").is_file():
+        if (KAGGLE_INPUT / mount / needs).is_file():
             return KAGGLE_INPUT / mount
     if KAGGLE_INPUT.is_dir():
-        found = sorted(KAGGLE_INPUT.rglob("train.csv"))
+        found = sorted(KAGGLE_INPUT.rglob(needs))
         if found:
             return found[0].parent
-    if Path("data/train.csv").is_file():
+    if Path("data", needs).is_file():
         return Path("data")
-    raise UserError("No train.csv found in ./data or under /kaggle/input: run `make data` "
+    raise UserError(f"No {needs} found in ./data or under /kaggle/input: run `make data` "
                     "(or attach the competition to the notebook), or pass --data-dir.")
 
 
+def _plain(value):
+    """A numpy scalar as the plain Python value, so that messages read 2, not np.int64(2)."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a competition CSV and check what every later step relies on; one clear sentence per problem."""
+    """Read a competition CSV and check what every later step relies on; one clear sentence per problem.
+    Ids are kept as the text in the file (00677 stays 00677)."""
     if not path.is_file():
         raise UserError(f"{path} not found: the competition folder needs train.csv and test.csv.")
+    raw = path.read_bytes()
+    archive = {b"\x1f\x8b": "gzip", b"PK": "zip"}.get(raw[:2])
+    if archive:
+        raise UserError(f"{path} is a {archive} archive, not a CSV: "
+                        "unpack it first (`make data` does).")
     try:
-        df = pd.read_csv(path, encoding="utf-8", dtype={"text": str, "keyword": str, "location": str})
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {raw[e.start]:#x} at byte offset {e.start}): "
+                        "re-save it as UTF-8.") from None
+    try:
+        df = pd.read_csv(path, encoding="utf-8", dtype={"id": str, "text": str, "keyword": str, "location": str})
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: download it again with `make data`.") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.object[e.start]:#x} at offset {e.start}): "
-                        "re-save it as UTF-8.") from None
     except pd.errors.ParserError as e:
         raise UserError(f"{path} is not a readable CSV ({str(e).strip()}).") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
+        hint = " It looks separated by ';': save it with commas." if ";" in ",".join(map(str, df.columns)) else ""
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}: expected {', '.join(required)} "
-                        f"(found {', '.join(map(str, df.columns))}).")
+                        f"(found {', '.join(map(str, df.columns))}).{hint}")
     if df.empty:
         raise UserError(f"{path} has a header but no rows.")
     if df["id"].isna().any():
         raise UserError(f"{path} has {int(df['id'].isna().sum())} row(s) without an id.")
     dup = df["id"][df["id"].duplicated()]
     if len(dup):
-        raise UserError(f"{path} has {len(dup)} duplicate id(s), e.g. {dup.iloc[0]!r}: ids must be unique.")
+        raise UserError(f"{path} has {len(dup)} duplicate id(s), e.g. {dup.iloc[0]}: ids must be unique.")
     if "target" in required:
         target = pd.to_numeric(df["target"], errors="coerce")
         bad = ~target.isin([0, 1])
         if bad.any():
             rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:3])
             raise UserError(f"{path}: target must be 0 or 1, but {int(bad.sum())} row(s) are not "
-                            f"(line {rows}, value {df['target'][bad].iloc[0]!r}).")
+                            f"(line {rows}, value {_plain(df['target'][bad].iloc[0])!r}).")
         df["target"] = target.astype(int)
     return df
 
@@ -299,6 +313,20 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
 def load_competition(data_dir: Path, use_keyword: bool = False):
     """train, test and the submission id order (sample_submission's if present, else test's)."""
     train = read_csv(data_dir / "train.csv", ("id", "text", "target"))
+    test, order = load_test(data_dir)
+    for name, df in (("train.csv", train), ("test.csv", test)):
+        n_nan = int(df["text"].isna().sum())
+        if n_nan:
+            log.info(f"{name}: {n_nan} empty text(s) read as ''")
+        df["text"] = df["text"].fillna("")
+        if use_keyword and "keyword" in df.columns:
+            kw = df["keyword"].fillna("").str.replace("%20", " ")
+            df["text"] = np.where(kw != "", kw + ": " + df["text"], df["text"])
+    return train, test, order
+
+
+def load_test(data_dir: Path):
+    """test.csv and the submission id order (sample_submission's if present, else test's)."""
     test = read_csv(data_dir / "test.csv", ("id", "text"))
     order = test["id"]
     sample_path = data_dir / "sample_submission.csv"
@@ -308,23 +336,15 @@ def load_competition(data_dir: Path, use_keyword: bool = False):
             raise UserError(f"{sample_path} and {data_dir / 'test.csv'} list different ids: "
                             "download both again with `make data`.")
         order = sample["id"]
-    for name, df in (("train.csv", train), ("test.csv", test)):
-        n_nan = int(df["text"].isna().sum())
-        if n_nan:
-            log.info(f"{name}: {n_nan} empty text(s) read as ''")
-        df["text"] = df["text"].fillna("")
-        if use_keyword and "keyword" in df.columns:
-            kw = df["keyword"].fillna("").str.replace("%20", " ")
-            df["text"] = np.where(kw != "", kw + ": " + df["text"], df["text"])
-    return train, test, order.to_numpy()
+    return test, order.to_numpy()
 
 
 def holdout_split(n: int, seed: int, holdout_size: int = 1500, valid_size: int = 1500):
     """The article's protocol: shuffle the rows with the seed (pandas' `sample(frac=1, random_state=seed)`);
     rows 0..holdout_size-1 are the holdout, the next valid_size rows validation, the rest training."""
     if holdout_size + valid_size >= n:
-        raise UserError(f"holdout_size + valid_size = {holdout_size + valid_size} leaves no training rows "
-                        f"out of {n}.")
+        raise UserError(f"train.csv has {n} rows: --holdout-size {holdout_size} + --valid-size {valid_size} leave "
+                        "none to train on; lower them, or use --split kfold.")
     order = pd.RangeIndex(n).to_series().sample(frac=1, random_state=seed).to_numpy()
     holdout, valid, train = np.split(order, [holdout_size, holdout_size + valid_size])
     return train, valid, holdout
@@ -440,9 +460,11 @@ class Classifier(nn.Module):
     def from_pretrained(cls, name_or_dir: str, **kwargs) -> "Classifier":
         try:
             backbone = transformers.AutoModel.from_pretrained(name_or_dir)
-        except (OSError, ValueError) as e:
-            raise UserError(f"Could not load model {name_or_dir!r} ({str(e).splitlines()[0]}): pass --model a "
-                            "local folder with config.json and weights, or enable internet for the hub.") from None
+        except Exception as e:  # noqa: BLE001 - OSError, ValueError, safetensors' own error for a truncated file
+            raise UserError(f"Could not load model {name_or_dir!r} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'no detail'}): without internet, pass --model a "
+                            "local folder with config.json and complete weights (on Kaggle, attach it as a "
+                            "dataset).") from None
         return cls(backbone, **kwargs)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -461,8 +483,18 @@ class Classifier(nn.Module):
 def resolve_model(name: str) -> str:
     """A local folder as it is; else a Hugging Face snapshot attached under /kaggle/input whose folder
     (or config's _name_or_path) ends with the hub name's last part, so that notebooks run with the
-    internet off; else the hub name itself."""
-    if Path(name).is_dir() or not KAGGLE_INPUT.is_dir():
+    internet off; else the hub name itself. What is plainly meant as a local path must be a model folder."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise UserError(f"--model {name} is a file: pass the folder holding config.json, the weights and the "
+                        "tokenizer files.")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(f"--model {name} has no config.json: pass a folder saved with save_pretrained (config, "
+                        "weights and tokenizer files).")
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not path.is_dir():
+        raise UserError(f"--model {name}: no such folder.")
+    if path.is_dir() or not KAGGLE_INPUT.is_dir():
         return name
     wanted = name.rstrip("/").split("/")[-1].lower()
     for config in sorted(KAGGLE_INPUT.rglob("config.json")):
@@ -1457,32 +1489,35 @@ def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=No
 
 
 def read_submission(path: Path) -> pd.DataFrame:
-    """A submission file as written, for check_submission to judge (no validation of its own)."""
+    """A submission file as written (every cell as text), for check_submission to judge."""
     if not path.is_file():
         raise UserError(f"{path} not found: train first (make train) or fetch kernel outputs (make output).")
     try:
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
 
 
 def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission") -> None:
-    """Raise UserError unless sub is exactly id,target with the expected ids in order and 0/1 targets."""
+    """Raise UserError unless sub is exactly id,target with each test id once (Kaggle matches rows by id,
+    so any order) and targets written as 0 or 1. Ids are compared as text, as in the competition files."""
     if list(sub.columns) != ["id", "target"]:
         raise UserError(f"{name}: columns must be id,target, found {','.join(map(str, sub.columns))}.")
-    expected = np.asarray(expected_ids)
+    ids, expected = sub["id"].astype(str), pd.Index(np.asarray(expected_ids).astype(str))
     if len(sub) != len(expected):
         raise UserError(f"{name}: {len(sub)} rows, but the test set has {len(expected)}.")
-    differ = np.flatnonzero(sub["id"].astype(str).to_numpy() != expected.astype(str))
-    if len(differ):
-        i = differ[0]
-        raise UserError(f"{name}: ids differ from the test set's order ({len(differ)} rows; first at row {i + 1}: "
-                        f"{sub['id'].iloc[i]!r} where {expected[i]!r} is expected).")
-    target = pd.to_numeric(sub["target"], errors="coerce")
-    bad = ~target.isin([0, 1]) | (target != target.round())
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise UserError(f"{name}: id {dup.iloc[0]} appears more than once.")
+    unknown = ids[~ids.isin(expected)]
+    if len(unknown):
+        raise UserError(f"{name}: {len(unknown)} id(s) are not in the test set, e.g. {unknown.iloc[0]!r} "
+                        "(ids must be written exactly as in test.csv).")
+    target = sub["target"].astype(str)
+    bad = ~target.isin(["0", "1"])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{name}: target must be the integer 0 or 1, found {sub['target'].iloc[i]!r} at row {i + 1}.")
+        raise UserError(f"{name}: target must be written 0 or 1, found {target.iloc[i]!r} at row {i + 1}.")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -1705,6 +1740,8 @@ def prepare_data(cfg: Config) -> dict:
     """Read and check the competition files, load the tokenizer and tokenize every text once."""
     data_dir = find_data_dir(cfg.data_dir)
     train_df, test_df, order = load_competition(data_dir, cfg.use_keyword)
+    if cfg.split == "holdout":  # sizes that leave nothing to train on fail here, before the model loads
+        holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     try:
@@ -2046,7 +2083,7 @@ def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
 def ensemble_submission(root: Path, runs: list[str], expected_ids, path: Path) -> dict:
     """Average the test probabilities of the runs and label at the mean of their thresholds; write one
     submission; report how often the runs disagree."""
-    probs = [pd.read_csv(Path(root) / r / "test_probs.csv").set_index("id")["prob"] for r in runs]
+    probs = [pd.read_csv(Path(root) / r / "test_probs.csv", dtype={"id": str}).set_index("id")["prob"] for r in runs]
     cuts = [json.loads((Path(root) / r / "metrics.json").read_text())["score"]["threshold"] for r in runs]
     mean = pd.concat(probs, axis=1).mean(axis=1).loc[list(expected_ids)]
     write_submission(path, mean.index, (mean.to_numpy() > np.mean(cuts)).astype(int), expected_ids)
@@ -2078,7 +2115,12 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
             out = root / run_dir_name(method, seed)
             wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True)
             if (out / "metrics.json").is_file():
-                differ = _same_settings(json.loads((out / "metrics.json").read_text()).get("config", {}), wanted)
+                try:
+                    recorded = json.loads((out / "metrics.json").read_text())["config"]
+                except (ValueError, KeyError, TypeError):
+                    raise UserError(f"{out / 'metrics.json'} is not a metrics.json of advtrain: delete {out} to run "
+                                    "it again.") from None
+                differ = _same_settings(recorded, wanted)
                 if not differ:
                     print(f"compare: {out} is finished with the same settings, not run again")
                     rows.append(result_row(out / "metrics.json"))
@@ -2097,7 +2139,7 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
               f"seeds {', '.join(map(str, seeds))}.\n")
     text = results_markdown(results, "baseline" if "baseline" in methods else methods[0], header)
     if ensemble:
-        _, _, order = load_competition(find_data_dir(cfg.data_dir))
+        _, order = load_test(find_data_dir(cfg.data_dir, needs="test.csv"))
         runs = [run_dir_name(m, s) for m in ensemble for s in seeds]
         info = ensemble_submission(root, runs, order, root / "ensemble_submission.csv")
         text += (f"\nEnsemble of {', '.join(ensemble)} over {len(seeds)} seed(s) ({len(runs)} runs): "
@@ -2306,11 +2348,10 @@ def main(argv=None) -> int:
             compare(cfg, [m for m in args.methods.split(",") if m], seeds,
                     [m for m in args.ensemble.split(",") if m] or None)
         elif args.command == "check-submission":
-            data_dir = find_data_dir(args.data_dir)
-            _, test, order = load_competition(data_dir)
+            _, order = load_test(find_data_dir(args.data_dir, needs="test.csv"))
             path = Path(args.file)
             check_submission(read_submission(path), order, str(path))
-            print(f"{path}: OK ({len(order)} rows, ids in the test set's order, targets 0/1)")
+            print(f"{path}: OK ({len(order)} rows, each test id once, targets 0/1)")
     except UserError as e:
         print(f"advtrain: error: {e}", file=sys.stderr)
         return 2

@@ -139,3 +139,12 @@ def test_compare_counts_only_the_runs_it_defines(data_dir, model_dirs, tmp_path)
 def test_compare_ensemble_must_name_methods_it_runs(capsys):
     assert advtrain.main(["compare", "--methods", "baseline", "--ensemble", "fgm"]) == 2
     assert "--ensemble names fgm" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_names_a_broken_metrics_json(data_dir, model_dirs, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
+    (out / "fgm-seed1" / "metrics.json").write_text('{"config": ')
+    assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 2
+    assert "fgm-seed1/metrics.json is not a metrics.json of advtrain" in capsys.readouterr().err

@@ -27,6 +27,12 @@ BAD_INPUTS = {
     "not utf-8": (dict(train=b"id,text,target\n1,caf\xe9 \xff,0\n"), "train.csv is not UTF-8 text"),
     "test lacks text": (dict(test="id,keyword\n1,a\n"), "test.csv lacks column(s) text"),
     "sample ids differ": (dict(sample="id,target\n10,0\n99,0\n"), "list different ids"),
+    "gzip": (dict(train=b"\x1f\x8b\x08\x00rest"), "train.csv is a gzip archive, not a CSV"),
+    "semicolons": (dict(train="id;text;target\n1;a;0\n"), "It looks separated by ';'"),
+    "utf-8 offset": (dict(train=b"id,text,target\n1,abcdefghijklmnopqrstuvwxyz,0\n2,caf\xe9,1\n"),
+                     "byte 0xe9 at byte offset 51"),
+    "duplicate id shown plainly": (dict(train="id,text,target\n7,a,0\n7,b,1\n"), "e.g. 7: ids must be unique"),
+    "too few rows": (dict(), "train.csv has 2 rows: --holdout-size 1500 + --valid-size 1500 leave none"),
 }
 
 
@@ -51,12 +57,12 @@ def test_nan_text_becomes_empty_and_keyword_is_prepended(tmp_path):
     folder = write(tmp_path, train="id,keyword,text,target\n1,wild%20fires,,1\n2,,hello,0\n")
     train, test, order = advtrain.load_competition(folder, use_keyword=True)
     assert train["text"].tolist() == ["wild fires: ", "hello"]
-    assert order.tolist() == [10, 11]
+    assert order.tolist() == ["10", "11"]
 
 
 def test_sample_submission_order_wins(tmp_path):
     folder = write(tmp_path, sample="id,target\n11,0\n10,0\n")
-    assert advtrain.load_competition(folder)[2].tolist() == [11, 10]
+    assert advtrain.load_competition(folder)[2].tolist() == ["11", "10"]
 
 
 def test_find_data_dir_prefers_explicit_then_local(tmp_path, monkeypatch):
@@ -77,7 +83,7 @@ def test_holdout_split_is_the_articles_row_for_row():
 
 
 def test_holdout_split_refuses_to_leave_nothing_to_train():
-    with pytest.raises(advtrain.UserError, match="no training rows"):
+    with pytest.raises(advtrain.UserError, match="leave none to train on"):
         advtrain.holdout_split(100, 0, 60, 40)
 
 
@@ -117,3 +123,32 @@ def test_length_grouped_batches_cover_everything_once_and_cut_padding():
     assert padded < 0.7 * padded_plain
     sampler.set_epoch(1)
     assert list(sampler) != batches
+
+
+def test_ids_stay_exactly_as_written(tmp_path):
+    folder = write(tmp_path, test="id,text\n00677,flood\n12,cake\n")
+    _, order = advtrain.load_test(folder)
+    assert order.tolist() == ["00677", "12"]
+
+
+@pytest.mark.parametrize("model,message", [("file", "is a file"), ("empty", "has no config.json"),
+                                           ("./missing/model", "no such folder")])
+def test_model_path_mistakes_are_named(model, message, tmp_path, capsys):
+    folder = write(tmp_path / "d")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    name = str(tmp_path / model) if model in ("file", "empty") else model
+    code = advtrain.main(["train", "--data-dir", str(folder), "--output-dir", str(tmp_path / "o"), "--model", name,
+                          "--holdout-size", "0", "--valid-size", "1", "--split", "kfold", "--n-folds", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_truncated_weights_file_is_one_sentence(model_dirs, tmp_path):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for f in model_dirs["bert"].iterdir():
+        data = f.read_bytes()
+        (folder / f.name).write_bytes(data[: len(data) // 2] if f.name == "model.safetensors" else data)
+    with pytest.raises(advtrain.UserError, match="Could not load model"):
+        advtrain.Classifier.from_pretrained(str(folder))

@@ -85,7 +85,8 @@ def test_resume_gives_the_result_of_an_uninterrupted_run(split, data_dir, model_
     assert [{k: v for k, v in e.items() if k not in drop} for e in resumed["evaluations"]] == \
         [{k: v for k, v in e.items() if k not in drop} for e in whole["evaluations"]]
     assert resumed["score"] == whole["score"]
-    pd.testing.assert_frame_equal(pd.read_csv(out / "test_probs.csv"), pd.read_csv(tmp_path / "whole" / "test_probs.csv"))
+    pd.testing.assert_frame_equal(pd.read_csv(out / "test_probs.csv"),
+                                  pd.read_csv(tmp_path / "whole" / "test_probs.csv"))
     said = "fold 1/2: finished before the interruption" if split == "kfold" else "resumed after epoch 1 of 2"
     assert said in (out / "train.log").read_text()
 

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pandas as pd
@@ -148,17 +149,35 @@ def test_cli_contract_and_check_submission(data_dir, model_dirs, tmp_path):
     ok = subprocess.run(check + [str(out / "submission.csv")], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0 and "OK" in ok.stdout
     bad = out / "bad.csv"
-    pd.read_csv(out / "submission.csv").iloc[::-1].to_csv(bad, index=False)
+    pd.read_csv(out / "submission.csv").assign(target=0.5).to_csv(bad, index=False)
     failed = subprocess.run(check + [str(bad)], capture_output=True, text=True, timeout=120)
-    assert failed.returncode == 2 and "ids differ from the test set's order" in failed.stderr
+    assert failed.returncode == 2 and "target must be written 0 or 1" in failed.stderr
 
 
-def test_check_submission_refuses_bad_targets():
-    sub = pd.DataFrame({"id": [1, 2], "target": [0, 0.5]})
-    with pytest.raises(advtrain.UserError, match="integer 0 or 1"):
-        advtrain.check_submission(sub, [1, 2])
+@pytest.mark.parametrize("target", ["0.5", "True", "1.0", "", "2"])
+def test_check_submission_refuses_targets_not_written_0_or_1(target):
+    sub = pd.DataFrame({"id": ["1", "2"], "target": ["0", target]})
+    with pytest.raises(advtrain.UserError, match="target must be written 0 or 1"):
+        advtrain.check_submission(sub, ["1", "2"])
+
+
+def test_check_submission_matches_ids_as_a_set_of_exact_texts():
+    ok = pd.DataFrame({"id": ["00677", "5"], "target": ["1", "0"]})
+    advtrain.check_submission(ok, ["5", "00677"])  # Kaggle matches by id: any order
+    with pytest.raises(advtrain.UserError, match="not in the test set, e.g. '677'"):
+        advtrain.check_submission(ok.assign(id=["677", "5"]), ["00677", "5"])
+    with pytest.raises(advtrain.UserError, match="appears more than once"):
+        advtrain.check_submission(ok.assign(id=["5", "5"]), ["00677", "5"])
     with pytest.raises(advtrain.UserError, match="2 rows, but the test set has 3"):
-        advtrain.check_submission(sub.assign(target=0), [1, 2, 3])
+        advtrain.check_submission(ok, ["1", "2", "3"])
+
+
+def test_check_submission_needs_only_the_test_files(tmp_path, capsys):
+    (tmp_path / "test.csv").write_text("id,text\n00677,a\n5,b\n")
+    sub = tmp_path / "sub.csv"
+    sub.write_text("id,target\n5,0\n00677,1\n")
+    assert advtrain.main(["check-submission", "--data-dir", str(tmp_path), str(sub)]) == 0
+    assert "OK" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -332,3 +351,10 @@ def test_a_model_folder_without_its_tokenizer_is_refused(data_dir, model_dirs, t
                           str(tmp_path / "out"), "--epochs", "1", "--device", "cpu", "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and ("tokenizer" in err.lower()), err
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(model_dirs):
+    tok = advtrain.load_tokenizer(str(model_dirs["bert"]))
+    small = types.SimpleNamespace(vocab_size=5)
+    with pytest.raises(advtrain.UserError, match="has only 5 embeddings"):
+        advtrain.check_tokenizer(tok, small, [[1, 2, 9]], "m")

@@ -225,6 +225,9 @@ def main(argv=None) -> int:
     b.add_argument("--quick", action="store_true", help="tiny model, 2 steps, 1 round: seconds (CI)")
     args = b.parse_args(argv)
     try:
+        for flag in ("steps", "rounds", "warmup", "batch_size"):
+            if getattr(args, flag) < 1:
+                raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}.")
         methods = [m for m in args.methods.split(",") if m]
         if any(m not in METHODS for m in methods):
             raise UserError(f"--methods takes names from {', '.join(METHODS)}, got {args.methods!r}.")

@@ -1705,7 +1705,7 @@ def run(cfg: Config) -> dict:
                 try:
                     metrics = _run(cfg, stage)
                 except (UserError, Interrupted, KeyboardInterrupt, OSError) as e:
-                    why = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else str(e)
+                    why = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else str(e).rstrip(".")
                     kept = (" (its last completed epoch is kept: rerun with --resume)"
                             if (stage / CHECKPOINT).is_file() else "")
                     log.error(f"run stopped: {why}; the log of this run is {stage / 'train.log'}{kept}")

@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 METHOD ?= baseline
-MSG    ?=
 METHODS ?= baseline,fgm,awp,sift
 SEEDS  ?= 42,43,44
 ARGS   ?=
@@ -43,26 +42,31 @@ bench: setup  ## speed table of every method and of the article's setup -> submi
 compare: setup  ## make compare METHODS=baseline,fgm SEEDS=42,43 ARGS="--epochs 2" -> submissions/compare/
 	$(BIN)/python advtrain.py compare --methods $(METHODS) --seeds $(SEEDS) $(ARGS)
 
-# --- Kaggle round trip (needs `pip install kaggle` and an API token; see the README) ---
-KIT := $(PYTHON) tools/kaggle_kit.py
+# --- Kaggle round trip: `make setup` installs the kaggle CLI into .venv; credentials as the CLI accepts them ---
+KIT := $(BIN)/python tools/kaggle_kit.py
+METHODS_FROM := $(origin METHODS)
+SUBMIT_MESSAGE = $(value MSG)
+export METHODS METHODS_FROM METHOD FILE SUBMIT_MESSAGE FORCE GPU_SESSIONS
 
 notebooks:  ## regenerate notebooks/ from the templates in tools/kaggle_kit.py
-	$(KIT) notebooks
+	$(PYTHON) tools/kaggle_kit.py notebooks
 
-data:  ## download and unzip the competition files into data/ (idempotent)
+data: setup  ## download and unzip the competition files into data/ (idempotent)
 	$(KIT) data
 
-push:  ## push the utility script, wait until its run is COMPLETE, then push every notebook
+push: setup  ## utility script, wait until COMPLETE, then the notebooks in waves of GPU_SESSIONS (2); METHODS=fgm,awp
 	$(KIT) push
 
-status:  ## run status of every kernel
+status: setup  ## run status of every kernel, and the end of the log of a failed one
 	$(KIT) status
 
-output:  ## fetch each finished kernel's files into submissions/<method>/
+output: setup  ## each finished kernel's submission, metrics, log, plots -> submissions/kaggle/<name>/ (FORCE=1 replaces)
 	$(KIT) output
 
-submit: setup  ## make submit METHOD=awp [MSG="..."]: check, then submit submissions/$(METHOD)/submission.csv
-	$(BIN)/python tools/kaggle_kit.py submit "$(METHOD)" "$(MSG)"
+submit:  ## make submit METHOD=awp|ensemble or FILE=path [MSG="..."]: check the file, then submit it
+	$(PYTHON) tools/kaggle_kit.py submit-check
+	$(MAKE) --no-print-directory setup
+	$(KIT) submit
 
-submissions:  ## your past submissions and their scores
+submissions: setup  ## your past submissions and their scores
 	$(KIT) submissions

@@ -82,48 +82,71 @@ def test_notebook_runs_end_to_end_offline(folder, data_dir, model_dirs, tmp_path
 
 # --------------------------------------------------------------------------------------------- Make + stand-in CLI
 
-STUB = textwrap.dedent('''\
+STUB = textwrap.dedent("""\
     #!{python}
-    """Stand-in for the kaggle CLI: records its arguments, plays back statuses, fakes downloads."""
+    # Stand-in for the kaggle CLI: records its arguments, answers as kaggle 2.x does (recorded formats).
     import json, os, shutil, sys, zipfile
     from pathlib import Path
     args = sys.argv[1:]
     with open(os.environ["STUB_LOG"], "a") as f:
         f.write(json.dumps(args) + "\\n")
-    if args[:2] == ["kernels", "status"]:
-        states = Path(os.environ["STUB_STATES"])
-        queue = states.read_text().split(",")
-        state = queue.pop(0) if len(queue) > 1 else queue[0]
-        states.write_text(",".join(queue))
+    if os.environ.get("STUB_NO_AUTH"):  # what kaggle 2.2.5 prints, with exit code 0, when it has no credentials
+        print("Authentication required to call the Kaggle API.\\n\\nRecommended: log in with OAuth ...\\n"
+              "    kaggle auth login")
+        sys.exit(0)
+    if args == ["--version"]:
+        print("Kaggle CLI 2.2.5")
+    elif args[:2] == ["kernels", "status"]:
+        if args[2] == os.environ.get("STUB_FAILING"):
+            state = "ERROR"
+        else:
+            states = Path(os.environ["STUB_STATES"])
+            queue = states.read_text().split(",")
+            state = queue.pop(0) if len(queue) > 1 else queue[0]
+            states.write_text(",".join(queue))
         print(f'{{args[2]}} has status "KernelWorkerStatus.{{state}}"')
     elif args[:2] == ["kernels", "push"]:
         meta = json.loads(Path(args[3], "kernel-metadata.json").read_text())
-        print(f"Kernel version 1 successfully pushed: {{meta['id']}}")
+        pushes = Path(os.environ["STUB_LOG"] + ".pushes")
+        count = int(pushes.read_text()) + 1 if pushes.exists() else 1
+        pushes.write_text(str(count))
+        if str(count) == os.environ.get("STUB_REFUSE_PUSH"):
+            print("Kernel push error: Maximum batch GPU session count of 2 reached.")
+        else:
+            print(f"Kernel version 1 successfully pushed.  Please check progress at "
+                  f"https://www.kaggle.com/code/{{meta['id']}}")
     elif args[:2] == ["competitions", "download"]:
         with zipfile.ZipFile(Path(args[args.index("-p") + 1], "nlp-getting-started.zip"), "w") as z:
             for name in ("train.csv", "test.csv", "sample_submission.csv"):
                 z.write(Path(os.environ["STUB_DATA"], name), name)
     elif args[:2] == ["kernels", "output"]:
-        shutil.copy(os.environ["STUB_SUBMISSION"], Path(args[args.index("-p") + 1], "submission.csv"))
+        folder = Path(args[args.index("-p") + 1])
+        shutil.copy(os.environ["STUB_SUBMISSION"], folder / "submission.csv")
+        (folder / "model.pt").write_bytes(b"weights")
+        (folder / "metrics.json").write_text("{{}}")
+        slug = args[2].split("/")[1]
+        (folder / f"{{slug}}.log").write_text(json.dumps([{{"data": f"line {{i}}\\n"}} for i in range(30)]
+                                                        + [{{"data": "RuntimeError: CUDA out of memory\\n"}}]))
     elif args[:2] == ["config", "view"]:
         print("- username: carol")
-''')
+    elif args[:2] == ["competitions", "submit"]:
+        print("Successfully submitted to Natural Language Processing with Disaster Tweets")
+""")
 
 
 @pytest.fixture
 def kit(tmp_path, data_dir):
-    """A copy of the repo's Kaggle pieces, a stand-in kaggle on PATH, and a way to run make there."""
+    """A copy of the repo's Kaggle pieces, a stand-in kaggle beside the Python make runs, and a way to run make."""
     repo = tmp_path / "repo"
+    repo.mkdir()
     for name in ("Makefile", "advtrain.py", "kernel-metadata.json", "requirements.txt", "requirements-dev.txt",
                  "constraints-ci.txt"):
-        repo.mkdir(exist_ok=True)
         shutil.copy2(ROOT / name, repo / name)
     shutil.copytree(ROOT / "tools", repo / "tools")
     shutil.copytree(ROOT / "notebooks", repo / "notebooks")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "kaggle").write_text(STUB.format(python=sys.executable))
-    (bin_dir / "kaggle").chmod(0o755)
+    stub = tmp_path / "kaggle"
+    stub.write_text(STUB.format(python=sys.executable))
+    stub.chmod(0o755)
     sub = tmp_path / "good.csv"
     import pandas as pd
     pd.DataFrame({"id": pd.read_csv(data_dir / "sample_submission.csv")["id"], "target": 1}).to_csv(sub, index=False)
@@ -131,9 +154,9 @@ def kit(tmp_path, data_dir):
     home.mkdir()
     log, states = tmp_path / "calls.jsonl", tmp_path / "states"
     states.write_text("COMPLETE")
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HOME": str(home), "STUB_LOG": str(log),
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "STUB_LOG": str(log), "KAGGLE_BIN": str(stub),
            "STUB_STATES": str(states), "STUB_DATA": str(data_dir), "STUB_SUBMISSION": str(sub),
-           "KAGGLE_POLL_SECONDS": "0", "KAGGLE_USERNAME": "alice", "KAGGLE_KEY": "secret"}
+           "KAGGLE_POLL_SECONDS": "0", "KAGGLE_USERNAME": "alice"}
 
     def make(*targets, drop=(), **extra):
         run_env = {k: v for k, v in {**env, **extra}.items() if k not in drop}
@@ -142,9 +165,14 @@ def kit(tmp_path, data_dir):
                               timeout=300)
         calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
         log.unlink(missing_ok=True)
+        Path(str(log) + ".pushes").unlink(missing_ok=True)
         return done, calls
 
     return repo, make, states, home
+
+
+def errors(done):
+    return [line for line in done.stderr.splitlines() if line.startswith("kaggle_kit: error:")]
 
 
 def test_make_data_downloads_unzips_and_is_idempotent(kit):
@@ -157,19 +185,37 @@ def test_make_data_downloads_unzips_and_is_idempotent(kit):
     assert done.returncode == 0 and calls == [] and "already holds" in done.stdout
 
 
-def test_make_push_sends_the_utility_first_waits_then_the_notebooks(kit):
+def test_make_push_waits_for_the_utility_then_pushes_in_waves_of_two(kit):
     repo, make, states, _ = kit
     states.write_text("QUEUED,RUNNING,COMPLETE")
     done, calls = make("push")
     assert done.returncode == 0, done.stderr
     assert calls[0][:3] == ["kernels", "push", "-p"] and calls[0][3].endswith("build/kaggle/advtrain")
-    assert [c for c in calls[1:4]] == [["kernels", "status", "alice/advtrain"]] * 3
-    pushed = [json.loads(Path(c[3], "kernel-metadata.json").read_text()) for c in calls[4:]]
-    assert [c[:2] for c in calls[4:]] == [["kernels", "push"]] * 7
+    assert calls[1:4] == [["kernels", "status", "alice/advtrain"]] * 3
+    kinds = ["push" if c[1] == "push" else "status" for c in calls[4:]]
+    assert kinds == (["push"] * 2 + ["status"] * 2) * 3 + ["push", "status"]  # 7 notebooks, never 3 running
+    pushed = [json.loads(Path(c[3], "kernel-metadata.json").read_text()) for c in calls[4:] if c[1] == "push"]
     assert {m["id"] for m in pushed} == {f"alice/advtrain-{n}" for n in kaggle_kit.NOTEBOOKS}
     assert all(m["kernel_sources"] == ["alice/advtrain"] for m in pushed)
-    assert all((Path(c[3]) / m["code_file"]).is_file() for c, m in zip(calls[4:], pushed))
     assert "OWNER" in (repo / "notebooks" / "fgm" / "kernel-metadata.json").read_text()  # the source stays generic
+    assert "https://www.kaggle.com/code/alice/advtrain-awp" in done.stdout  # the closing table
+
+
+def test_make_push_of_a_subset(kit):
+    _, make, _, _ = kit
+    done, calls = make("push", "METHODS=fgm,awp")
+    assert done.returncode == 0, done.stderr
+    assert [Path(c[3]).name for c in calls if c[1] == "push"] == ["advtrain", "advtrain-fgm", "advtrain-awp"]
+    done, calls = make("push", "METHODS=fgm,magic")
+    assert done.returncode == 2 and "unknown METHODS=fgm,magic" in done.stderr and calls == []
+
+
+def test_a_refused_push_stops_with_kaggles_reason(kit):
+    _, make, _, _ = kit
+    done, calls = make("push", STUB_REFUSE_PUSH="3")  # the utility, one notebook, then the refusal
+    assert done.returncode == 2
+    assert "Maximum batch GPU session count of 2 reached" in errors(done)[0] and "make status" in errors(done)[0]
+    assert sum(c[1] == "push" for c in calls) == 3
 
 
 def test_make_push_stops_when_the_utility_run_fails(kit):
@@ -177,57 +223,109 @@ def test_make_push_stops_when_the_utility_run_fails(kit):
     states.write_text("RUNNING,ERROR")
     done, calls = make("push")
     assert done.returncode != 0
-    assert "the run of alice/advtrain ended with ERROR" in done.stderr
+    assert "the run of alice/advtrain did not complete" in done.stderr and "CUDA out of memory" in done.stderr
     assert not any(c[:2] == ["kernels", "push"] for c in calls[1:])
 
 
-def test_owner_comes_from_kaggle_json_or_the_cli_config(kit):
+RECORDED_STATUS = {  # lines as kaggle 1.6.17, 1.7.4.5 and 2.2.5 print them
+    'complete-user/advtrain has status "running"': "RUNNING",
+    'error-queued/advtrain-fgm has status "complete"': "COMPLETE",
+    'cancel/advtrain has status "cancelAcknowledged"': "CANCEL_ACKNOWLEDGED",
+    'Warning: Looks like you\'re using an outdated API Version\nbob/advtrain has status '
+    '"KernelWorkerStatus.QUEUED"': "QUEUED",
+    'bob/advtrain has status "KernelWorkerStatus.ERROR"\nFailure message: "Notebook Exceeded Allowed Compute"': "ERROR",
+}
+
+
+@pytest.mark.parametrize("line", list(RECORDED_STATUS))
+def test_status_is_read_from_the_status_field_only(line):
+    assert kaggle_kit.parse_status(line) == RECORDED_STATUS[line]
+
+
+@pytest.mark.parametrize("output,expected", [
+    ("401 Client Error: Unauthorized for url", "did not accept your credentials"),
+    ("403 Client Error: Forbidden for url: https://www.kaggle.com/api/v1/competitions/<competition>", "rules"),
+    ("404 Client Error: Not Found\nNo kernel found, try 'kaggle search <query>'", "(404)"),
+    ("urllib3 NotOpenSSLWarning: only supports OpenSSL 1.1.1+\nConnectionError: Max retries exceeded",
+     "no connection to Kaggle"),
+    ("Traceback (most recent call last):\nModuleNotFoundError: No module named 'six'", "pip install"),
+])
+def test_kaggles_whole_answer_becomes_one_sentence_with_the_fix(output, expected):
+    assert expected in kaggle_kit.explain(("kernels", "status", "a/b"), output)
+
+
+def test_owner_and_credentials_come_from_wherever_the_cli_takes_them(kit):
     _, make, _, home = kit
-    (home / ".kaggle").mkdir()
-    (home / ".kaggle" / "kaggle.json").write_text('{"username": "bob", "key": "k"}')
-    done, calls = make("status", drop=("KAGGLE_USERNAME", "KAGGLE_KEY"))
+    (home / ".config" / "kaggle").mkdir(parents=True)  # the CLI's place when ~/.kaggle does not exist
+    (home / ".config" / "kaggle" / "kaggle.json").write_text('{"username": "bob", "key": "k"}')
+    done, calls = make("status", drop=("KAGGLE_USERNAME",))
     assert done.returncode == 0, done.stderr
     assert calls[0] == ["kernels", "status", "bob/advtrain"] and len(calls) == 8
-    (home / ".kaggle" / "kaggle.json").unlink()
-    (home / ".kaggle" / "access_token").write_text("token")
-    done, calls = make("status", drop=("KAGGLE_USERNAME", "KAGGLE_KEY"))
+    (home / ".config" / "kaggle" / "kaggle.json").unlink()  # OAuth or access_token: the CLI knows the name
+    done, calls = make("status", drop=("KAGGLE_USERNAME",))
     assert calls[0] == ["config", "view"] and calls[1] == ["kernels", "status", "carol/advtrain"]
 
 
-def test_missing_credentials_give_one_line(kit):
+def test_missing_credentials_give_one_line_even_when_the_cli_exits_0(kit):
     _, make, _, _ = kit
-    done, calls = make("push", drop=("KAGGLE_USERNAME", "KAGGLE_KEY"))
-    assert done.returncode != 0 and calls == []
-    errors = [line for line in done.stderr.splitlines() if line.startswith("kaggle_kit: error:")]
-    assert len(errors) == 1 and "no Kaggle credentials" in errors[0] and "kaggle.json" in errors[0]
+    done, _ = make("status", STUB_NO_AUTH="1")
+    assert done.returncode != 0 and len(errors(done)) == 1
+    assert "did not accept your credentials" in errors(done)[0] and "kaggle auth login" in errors(done)[0]
 
 
-def test_make_output_fetches_each_finished_kernel(kit):
+def test_status_reports_every_kernel_and_the_log_of_a_failed_one(kit):
+    _, make, _, _ = kit
+    done, calls = make("status", STUB_FAILING="alice/advtrain-fgm")
+    assert done.returncode == 2
+    assert sum(c[:2] == ["kernels", "status"] for c in calls) == 8
+    assert "alice/advtrain-fgm failed" in done.stdout and "CUDA out of memory" in done.stdout
+    assert "alice/advtrain-sift" in done.stdout
+
+
+def test_make_output_keeps_what_a_user_needs_apart_from_local_runs(kit):
     repo, make, _, _ = kit
     done, calls = make("output")
     assert done.returncode == 0, done.stderr
     fetched = [c for c in calls if c[:2] == ["kernels", "output"]]
     assert [c[2] for c in fetched] == [f"alice/advtrain-{n}" for n in kaggle_kit.NOTEBOOKS]
-    assert all(c[3:] == ["-p", str(repo / "submissions" / c[2].split("-", 1)[1])] for c in fetched)
-    assert (repo / "submissions" / "awp" / "submission.csv").is_file()
+    assert all("--file-pattern" in c for c in fetched)
+    awp = repo / "submissions" / "kaggle" / "awp"
+    assert sorted(p.name for p in awp.iterdir()) == ["metrics.json", "submission.csv"]  # no model.pt, no log
+    assert not (repo / "submissions" / "awp").exists()
+    (awp / "submission.csv").write_text("mine")
+    done, calls = make("output")
+    assert "holds an earlier download" in done.stdout and (awp / "submission.csv").read_text() == "mine"
+    done, calls = make("output", FORCE="1")
+    assert (awp / "submission.csv").read_text() != "mine"
 
 
 def test_make_submit_checks_the_file_first(kit, data_dir):
     repo, make, _, _ = kit
     done, calls = make("submit", "METHOD=bogus")
     assert done.returncode != 0 and "unknown METHOD=bogus" in done.stderr and calls == []
+    assert "setup" not in done.stdout  # refused before make builds anything
     done, calls = make("submit", "METHOD=awp")
-    assert done.returncode != 0 and "submissions/awp/submission.csv not found" in done.stderr
+    assert done.returncode != 0 and "no submission.csv for METHOD=awp" in done.stderr
     shutil.copytree(data_dir, repo / "data")
     (repo / "submissions" / "awp").mkdir(parents=True)
     bad = repo / "submissions" / "awp" / "submission.csv"
     bad.write_text("id,target\n1,0\n")
     done, calls = make("submit", "METHOD=awp")
     assert done.returncode != 0 and "fails the check" in done.stderr and calls == []
-    shutil.copy(os.environ.get("STUB_SUBMISSION", "") or kit[0].parent / "good.csv", bad)
-    done, calls = make("submit", "METHOD=awp", "MSG=first try")
+    import pandas as pd
+    good = pd.read_csv(kit[0].parent / "good.csv").iloc[::-1]  # any order: Kaggle matches by id
+    good.to_csv(bad, index=False)
+    message = 'it\'s "awp" at $HOME `date`'
+    done, calls = make("submit", "METHOD=awp", f"MSG={message}")
     assert done.returncode == 0, done.stderr
-    assert calls == [["competitions", "submit", "nlp-getting-started", "-f", str(bad), "-m", "first try"]]
+    assert calls == [["competitions", "submit", "nlp-getting-started", "-f", str(bad), "-m", message]]
+    ensemble = repo / "submissions" / "kaggle" / "compare" / "ensemble_submission.csv"
+    ensemble.parent.mkdir(parents=True)
+    good.to_csv(ensemble, index=False)
+    done, calls = make("submit", "METHOD=ensemble")
+    assert done.returncode == 0 and calls[0][4] == str(ensemble)
+    done, calls = make("submit", f"FILE={ensemble}", "MSG=x")
+    assert done.returncode == 0 and calls[0][4:] == [str(ensemble), "-m", "x"]
 
 
 def test_attached_snapshot_is_found_under_kaggle_input(tmp_path, monkeypatch, model_dirs):

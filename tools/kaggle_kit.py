@@ -1,8 +1,11 @@
 """The Kaggle round trip behind the Makefile: data, notebooks, push, status, output, submit.
 
-    python tools/kaggle_kit.py data | notebooks | push | status | output | submit METHOD [MSG] | submissions
+    python tools/kaggle_kit.py data | notebooks | push | status | output | submit | submissions
 
-Standard library only; it drives the official `kaggle` command-line tool (`pip install kaggle`).
+Standard library only; it drives the official `kaggle` command-line tool, which `make setup` installs
+into .venv (kaggle 1.8 or later: older ones ignore machine_shape, so "GPU T4 x2" is not guaranteed).
+Settings come from the environment, as make passes them: METHODS (a subset of the notebooks),
+GPU_SESSIONS (Kaggle's cap on concurrent GPU sessions, 2), FORCE, METHOD, FILE, MSG.
 The committed metadata says OWNER where the Kaggle user name goes: `push` writes a copy with your
 user name (from KAGGLE_USERNAME, else the kaggle config) into build/kaggle/ and pushes that, so
 nobody edits JSON by hand. Each failure is one line naming the fix, exit code 2.
@@ -15,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -175,34 +179,70 @@ def write_notebooks(root: Path = ROOT) -> list[Path]:
 
 # --------------------------------------------------------------------------------------------- kaggle CLI
 
+GPU_SESSIONS = 2  # Kaggle runs at most this many GPU batch sessions per account at once
+WANTED = ("submission.csv", "metrics.json", "train.log", "results.md", "results.csv", "valid_f1.png",
+          "holdout_f1.png", "ensemble_submission.csv")  # what `make output` keeps of /kaggle/working
+FINISHED = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED", "CANCEL_REQUESTED")
+
+
+def kaggle_executable() -> str:
+    """The kaggle CLI: KAGGLE_BIN, else the one beside this Python (the project's .venv), else PATH."""
+    for candidate in (os.environ.get("KAGGLE_BIN"), str(Path(sys.executable).parent / "kaggle"),
+                      shutil.which("kaggle")):
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    raise KitError("the kaggle CLI is not installed: run `make setup` (it installs kaggle into .venv), or "
+                   "pip install 'kaggle>=1.8' six")
+
+
+def explain(args: tuple[str, ...], output: str) -> str:
+    """Kaggle's whole answer as one sentence with the fix, for the failures users meet."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()
+             and not re.search(r"warning|warnings\.warn|^\s*from |^\s*import ", line, re.IGNORECASE)]
+    text = " ".join(lines)
+    low = text.lower()
+    what = " ".join(args[:2])
+    if re.search(r"authentication required|401|unauthorized|could not find kaggle\.json", low):
+        return (f"Kaggle did not accept your credentials for `kaggle {what}`: create a token at "
+                "https://www.kaggle.com/settings/api and save it as ~/.kaggle/access_token (or ~/.kaggle/kaggle.json "
+                "for an old-style key), set KAGGLE_API_TOKEN, or run `kaggle auth login`.")
+    if "403" in text or "forbidden" in low:
+        return (f"Kaggle refused `kaggle {what}` (403): accept the competition's rules at "
+                f"https://www.kaggle.com/c/{COMPETITION}/rules, and for GPU kernels verify your phone number.")
+    if "404" in text or "not found" in low:
+        return (f"Kaggle found nothing for `kaggle {' '.join(args)}` (404): check the name; kernels exist once "
+                "`make push` has pushed them.")
+    if re.search(r"connection|name or service not known|max retries|timed out|network", low):
+        return f"no connection to Kaggle for `kaggle {what}`: check the network (or a proxy), then try again."
+    if "modulenotfounderror" in low or "no module named" in low:
+        return (f"the kaggle CLI is broken ({text[:200]}): reinstall it with `make setup`, or "
+                "pip install 'kaggle>=1.8' six")
+    return f"`kaggle {' '.join(args)}` failed: {text[:600] or 'no output'}"
+
 
 def kaggle(*args: str, capture: bool = False) -> str:
-    if shutil.which("kaggle") is None:
-        raise KitError("the kaggle command is not installed: pip install kaggle")
-    done = subprocess.run(["kaggle", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        detail = (done.stderr or done.stdout).strip().splitlines()
-        raise KitError(f"`kaggle {' '.join(args)}` failed: {detail[-1] if detail else 'exit ' + str(done.returncode)}")
+    """Run the kaggle CLI; any failure, including one it reports with exit code 0, is a KitError."""
+    done = subprocess.run([kaggle_executable(), *args], capture_output=True, text=True)
+    output = done.stdout + done.stderr
+    if done.returncode != 0 or "Authentication required" in output:
+        raise KitError(explain(args, output))
     if not capture:
         print(done.stdout, end="")
     return done.stdout
 
 
 def config_dir() -> Path:
-    return Path(os.environ.get("KAGGLE_CONFIG_DIR", Path.home() / ".kaggle"))
-
-
-def check_credentials():
-    if os.environ.get("KAGGLE_API_TOKEN") or (config_dir() / "access_token").is_file():
-        return
-    if (config_dir() / "kaggle.json").is_file() or (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")):
-        return
-    raise KitError(f"no Kaggle credentials: create an API token (kaggle.com > Settings > API) and save it as "
-                   f"{config_dir() / 'kaggle.json'}, or set KAGGLE_USERNAME and KAGGLE_KEY.")
+    """Where the CLI keeps its credentials: KAGGLE_CONFIG_DIR, ~/.kaggle, else ~/.config/kaggle."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return Path(os.environ["KAGGLE_CONFIG_DIR"])
+    home = Path.home() / ".kaggle"
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    return home if home.exists() or not xdg.exists() else xdg
 
 
 def owner() -> str:
-    """Your Kaggle user name: KAGGLE_USERNAME, else kaggle.json, else `kaggle config view`."""
+    """Your Kaggle user name: KAGGLE_USERNAME, else kaggle.json, else the CLI's own `kaggle config view`
+    (which knows every form of credentials it accepts)."""
     if os.environ.get("KAGGLE_USERNAME"):
         return os.environ["KAGGLE_USERNAME"]
     path = config_dir() / "kaggle.json"
@@ -213,10 +253,9 @@ def owner() -> str:
             raise KitError(f"{path} is not valid JSON: download a new API token from kaggle.com > Settings.") from None
         if name:
             return name
-    check_credentials()
     match = re.search(r"username:\s*(\S+)", kaggle("config", "view", capture=True))
     if not match or match.group(1) == "None":
-        raise KitError("cannot tell your Kaggle user name: set KAGGLE_USERNAME.")
+        raise KitError("cannot tell your Kaggle user name: set KAGGLE_USERNAME (your kaggle.com name).")
     return match.group(1)
 
 
@@ -237,26 +276,76 @@ def kernel_id(folder: Path, user: str) -> str:
     return json.loads((folder / "kernel-metadata.json").read_text())["id"].replace(PLACEHOLDER, user, 1)
 
 
+def url(kernel: str) -> str:
+    return f"https://www.kaggle.com/code/{kernel}"
+
+
+def parse_status(text: str) -> str:
+    """The status field of `kaggle kernels status`: `has status "KernelWorkerStatus.COMPLETE"` (1.7 and
+    later) or `has status "complete"` / "cancelAcknowledged" (1.6), as COMPLETE / CANCEL_ACKNOWLEDGED."""
+    match = re.search(r'has status "([^"]*)"', text)
+    if not match:
+        raise KitError(f"unexpected answer from `kaggle kernels status`: {text.strip()[:300]}")
+    value = match.group(1).rsplit(".", 1)[-1]
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", "_", value).upper()
+
+
 def status_of(kernel: str) -> str:
-    out = kaggle("kernels", "status", kernel, capture=True)
-    match = re.search(r"(COMPLETE|QUEUED|RUNNING|ERROR|CANCEL\w*|NEW_SCRIPT)", out, re.IGNORECASE)
-    return match.group(1).upper() if match else out.strip()
+    return parse_status(kaggle("kernels", "status", kernel, capture=True))
 
 
-def wait_until_complete(kernel: str, poll: float, timeout: float) -> None:
-    start = time.monotonic()
+def push(folder: Path) -> None:
+    """kaggle kernels push, which reports a refusal on stdout with exit code 0: stop on it with Kaggle's reason."""
+    out = kaggle("kernels", "push", "-p", str(folder), capture=True)
+    refused = re.search(r"Kernel push error:\s*(.*)", out)
+    if refused or "successfully pushed" not in out.lower() and "kernel version" not in out.lower():
+        reason = refused.group(1).strip() if refused else out.strip()[:300]
+        fix = ("wait until your running GPU sessions finish (make status), then push again" if "GPU session" in reason
+               else "fix kernel-metadata.json or your account (phone verification), then push again")
+        raise KitError(f"Kaggle refused to push {folder.name}: {reason} ({fix}).")
+    print(out.strip().splitlines()[-1])
+
+
+def wait_until_finished(kernels: list[str], poll: float, timeout: float) -> dict[str, str]:
+    """Poll until every kernel is COMPLETE, ERROR or cancelled; returns their final states."""
+    start, states = time.monotonic(), {}
     while True:
-        state = status_of(kernel)
-        print(f"{kernel}: {state}", flush=True)
-        if state == "COMPLETE":
-            return
-        if state.startswith(("ERROR", "CANCEL")):
-            raise KitError(f"the run of {kernel} ended with {state}: read its log at "
-                           f"https://www.kaggle.com/code/{kernel} and push again.")
+        for kernel in kernels:
+            if states.get(kernel) not in FINISHED:
+                states[kernel] = status_of(kernel)
+                print(f"{kernel}: {states[kernel]}", flush=True)
+        if all(state in FINISHED for state in states.values()):
+            return states
         if time.monotonic() - start > timeout:
-            raise KitError(f"{kernel} was not COMPLETE after {timeout:.0f} s: check `make status`, then push the "
-                           "notebooks with `make push` again.")
+            raise KitError(f"{', '.join(k for k in kernels if states[k] not in FINISHED)} not finished after "
+                           f"{timeout:.0f} s: check `make status`, then `make push` the rest.")
         time.sleep(poll)
+
+
+def failed_log(kernel: str, lines: int = 15) -> str:
+    """The last lines of a kernel's log (kaggle kernels output also fetches <slug>.log)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            kaggle("kernels", "output", kernel, "-p", tmp, capture=True)
+        except KitError as e:
+            return f"(no log: {e})"
+        logs = sorted(Path(tmp).glob("*.log"))
+        if not logs:
+            return "(no log)"
+        text = logs[0].read_text(errors="replace")
+        try:  # Kaggle's log is a JSON list of {"data": ...} records
+            text = "".join(record.get("data", "") for record in json.loads(text))
+        except (ValueError, AttributeError):
+            pass
+        return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
+
+
+def selected(methods: str) -> list[str]:
+    names = [m for m in methods.split(",") if m] if methods else NOTEBOOKS
+    unknown = [m for m in names if m not in NOTEBOOKS]
+    if unknown:
+        raise KitError(f"unknown METHODS={methods}: use names from {', '.join(NOTEBOOKS)}, e.g. METHODS=fgm,awp")
+    return names
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -266,89 +355,157 @@ def cmd_data(data: Path = ROOT / "data") -> None:
     if (data / "train.csv").is_file() and (data / "test.csv").is_file():
         print(f"{data} already holds the competition files")
         return
-    check_credentials()
     data.mkdir(exist_ok=True)
     kaggle("competitions", "download", COMPETITION, "-p", str(data))
     archive = data / f"{COMPETITION}.zip"
     if not archive.is_file():
         raise KitError(f"{archive} was not downloaded: accept the competition's rules at "
                        f"https://www.kaggle.com/c/{COMPETITION}/rules, then run make data again.")
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(data)
+    try:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(data)
+    except zipfile.BadZipFile:
+        archive.unlink()
+        raise KitError(f"{archive} was not a complete zip file (removed): run make data again.") from None
     archive.unlink()
     print(f"unpacked {', '.join(sorted(p.name for p in data.glob('*.csv')))} into {data}")
 
 
-def cmd_push(poll: float, timeout: float) -> None:
-    check_credentials()
+def cmd_push(methods: str, poll: float, timeout: float, sessions: int) -> None:
+    names = selected(methods)
     user = owner()
     build = ROOT / "build" / "kaggle"
     shutil.rmtree(build, ignore_errors=True)
-    utility = stage(ROOT, user, build)
-    kaggle("kernels", "push", "-p", str(utility))
-    wait_until_complete(f"{user}/{UTILITY}", poll, timeout)
-    for name in NOTEBOOKS:
-        kaggle("kernels", "push", "-p", str(stage(ROOT / "notebooks" / name, user, build)))
+    push(stage(ROOT, user, build))
+    utility = f"{user}/{UTILITY}"
+    if wait_until_finished([utility], poll, timeout)[utility] != "COMPLETE":
+        raise KitError(f"the run of {utility} did not complete: read its log at {url(utility)} and push again.\n"
+                       + failed_log(utility))
+    states = {}
+    for start in range(0, len(names), sessions):  # waves: Kaggle runs at most `sessions` GPU sessions at once
+        wave = names[start:start + sessions]
+        for name in wave:
+            push(stage(ROOT / "notebooks" / name, user, build))
+        states.update(wait_until_finished([kernel_id(ROOT / "notebooks" / n, user) for n in wave], poll, timeout))
+    print(table(states))
 
 
-def cmd_status() -> None:
-    check_credentials()
-    user = owner()
-    for kernel in [f"{user}/{UTILITY}"] + [kernel_id(ROOT / "notebooks" / n, user) for n in NOTEBOOKS]:
-        print(f"{kernel}: {status_of(kernel)}")
+def table(states: dict[str, str]) -> str:
+    rows = [f"{kernel:<40} {state:<20} {url(kernel)}" for kernel, state in states.items()]
+    return "\n".join([f"{'kernel':<40} {'status':<20} url", *rows])
 
 
-def cmd_output() -> None:
-    check_credentials()
-    user = owner()
-    for name in NOTEBOOKS:
+def cmd_status(methods: str) -> bool:
+    """Every kernel's state; for a failed one, the end of its log. Returns whether all were readable and none failed."""
+    user, ok = owner(), True
+    utility = f"{user}/{UTILITY}"
+    states = {utility: status_of(utility)}  # credentials and network fail here, once
+    for kernel in [kernel_id(ROOT / "notebooks" / n, user) for n in selected(methods)]:
+        try:
+            states[kernel] = status_of(kernel)
+        except KitError as e:
+            states[kernel], ok = f"unknown ({e})", False
+    print(table({k: v.split(" (")[0] for k, v in states.items()}))
+    for kernel, state in states.items():
+        if state.startswith("unknown"):
+            print(f"{kernel}: {state}")
+        elif state == "ERROR":
+            ok = False
+            print(f"{kernel} failed; the end of its log:\n{failed_log(kernel)}")
+    return ok
+
+
+def cmd_output(methods: str, force: bool) -> bool:
+    """The files a user needs from each finished kernel into submissions/kaggle/<name>/ (never mixed with
+    local runs); an earlier download is replaced only with FORCE=1."""
+    user, ok = owner(), True
+    version = re.search(r"(\d+)\.\d+", kaggle("--version", capture=True))
+    pattern = ["--file-pattern", "|".join(re.escape(w) for w in WANTED)] if version and int(version.group(1)) >= 2 \
+        else []
+    for name in selected(methods):
         kernel = kernel_id(ROOT / "notebooks" / name, user)
-        state = status_of(kernel)
-        if state != "COMPLETE":
-            print(f"{kernel}: {state}, nothing to fetch yet")
-            continue
-        target = ROOT / "submissions" / name
-        target.mkdir(parents=True, exist_ok=True)
-        kaggle("kernels", "output", kernel, "-p", str(target))
+        target = ROOT / "submissions" / "kaggle" / name
+        try:
+            state = status_of(kernel)
+            if state != "COMPLETE":
+                print(f"{kernel}: {state}, nothing to fetch" + (f"; the end of its log:\n{failed_log(kernel)}"
+                                                                 if state == "ERROR" else ""))
+                ok = ok and state != "ERROR"
+                continue
+            if target.is_dir() and any(target.iterdir()) and not force:
+                print(f"{kernel}: {target.relative_to(ROOT)} holds an earlier download: make output FORCE=1 "
+                      "replaces it")
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                kaggle("kernels", "output", kernel, "-p", tmp, *pattern, capture=True)
+                found = {p.name: p for p in sorted(Path(tmp).rglob("*")) if p.is_file() and p.name in WANTED}
+                shutil.rmtree(target, ignore_errors=True)
+                target.mkdir(parents=True)
+                for file_name, path in found.items():
+                    shutil.copy2(path, target / file_name)
+            print(f"{kernel}: {', '.join(found) or 'no files'} -> {target.relative_to(ROOT)}")
+        except KitError as e:
+            ok = False
+            print(f"{kernel}: {e}")
+    return ok
 
 
-def cmd_submit(method: str, message: str) -> None:
-    if method not in METHODS:
-        raise KitError(f"unknown METHOD={method or '(empty)'}: use one of {', '.join(METHODS)}, "
-                       "e.g. make submit METHOD=awp")
-    path = ROOT / "submissions" / method / "submission.csv"
-    if not path.is_file():
-        raise KitError(f"{path.relative_to(ROOT)} not found: run `make train METHOD={method}` or fetch the "
-                       "kernel outputs with `make output`.")
-    check_credentials()
+def submission_file(method: str, file: str) -> Path:
+    """FILE if given; else the method's local run, else its Kaggle download (METHOD=ensemble: compare's ensemble)."""
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise KitError(f"FILE={file} not found.")
+        return path
+    if method not in list(METHODS) + ["ensemble"]:
+        raise KitError(f"unknown METHOD={method or '(empty)'}: use one of {', '.join(METHODS)} or ensemble, "
+                       "e.g. make submit METHOD=awp, or make submit FILE=path/to/submission.csv")
+    name, folder = ("ensemble_submission.csv", "compare") if method == "ensemble" else ("submission.csv", method)
+    for path in (ROOT / "submissions" / folder / name, ROOT / "submissions" / "kaggle" / folder / name):
+        if path.is_file():
+            return path
+    raise KitError(f"no {name} for METHOD={method} in submissions/{folder}/ or submissions/kaggle/{folder}/: run "
+                   f"`make train METHOD={method}`, or fetch the kernel outputs with `make output`.")
+
+
+def cmd_submit(method: str, file: str, message: str) -> None:
+    path = submission_file(method, file)
     checked = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", str(path)],
                              capture_output=True, text=True, cwd=ROOT)
     if checked.returncode != 0:
-        raise KitError(f"not submitted, {path.relative_to(ROOT)} fails the check: "
+        raise KitError(f"not submitted, {path} fails the check: "
                        f"{checked.stderr.strip().removeprefix('advtrain: error: ')}")
-    kaggle("competitions", "submit", COMPETITION, "-f", str(path), "-m", message or f"advtrain {method}")
+    kaggle("competitions", "submit", COMPETITION, "-f", str(path), "-m", message or f"advtrain {method or path.name}")
 
 
 def main(argv: list[str]) -> int:
-    command, rest = (argv[0], argv[1:]) if argv else ("", [])
-    poll = float(os.environ.get("KAGGLE_POLL_SECONDS", "20"))
-    timeout = float(os.environ.get("KAGGLE_WAIT_SECONDS", "1800"))
+    command = argv[0] if argv else ""
+    def env(name, default=""):  # make exports an unset variable as empty
+        return os.environ.get(name) or default
+
+    poll, timeout = float(env("KAGGLE_POLL_SECONDS", "20")), float(env("KAGGLE_WAIT_SECONDS", "3600"))
+    methods = env("METHODS", "") if env("METHODS_FROM", "") == "command line" else ""
     try:
+        ok = True
         if command == "notebooks":
             for folder in write_notebooks():
                 print(f"wrote {folder.relative_to(ROOT)}")
         elif command == "data":
             cmd_data()
         elif command == "push":
-            cmd_push(poll, timeout)
+            sessions = env("GPU_SESSIONS", str(GPU_SESSIONS))
+            if not sessions.isdigit() or int(sessions) < 1:
+                raise KitError(f"GPU_SESSIONS={sessions}: a whole number of concurrent GPU sessions, 2 on Kaggle.")
+            cmd_push(methods, poll, timeout, int(sessions))
         elif command == "status":
-            cmd_status()
+            ok = cmd_status(methods)
         elif command == "output":
-            cmd_output()
+            ok = cmd_output(methods, env("FORCE", "") not in ("", "0"))
+        elif command == "submit-check":  # before make builds .venv: a bad METHOD or FILE costs nothing
+            submission_file(env("METHOD", ""), env("FILE", ""))
         elif command == "submit":
-            cmd_submit(rest[0] if rest else "", rest[1] if len(rest) > 1 else "")
+            cmd_submit(env("METHOD", ""), env("FILE", ""), env("SUBMIT_MESSAGE", env("MSG", "")))
         elif command == "submissions":
-            check_credentials()
             kaggle("competitions", "submissions", COMPETITION)
         else:
             print(__doc__)
@@ -356,7 +513,7 @@ def main(argv: list[str]) -> int:
     except KitError as e:
         print(f"kaggle_kit: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return 0 if ok else 2
 
 
 if __name__ == "__main__":

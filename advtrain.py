@@ -528,7 +528,7 @@ def load_tokenizer(name_or_dir: str):
 # nothing accumulated before it; gradients of all passes add up in `.grad`. Clip and step the
 # optimizer afterwards as usual; the attack never touches the optimizer. It returns the clean loss
 # (detached). Each class below needs only torch (torch, torch.nn.functional as F, contextlib), so it
-# can be copied into a notebook on its own; the small helpers `_local`, `_scaled` and `_norm` are
+# can be copied into a notebook on its own; the small helpers `_no_sync`, `_scaled` and `_norm` are
 # the same text in every class that uses them.
 # Sizes in the input space (FGM, PGD, FreeLB) are in units of the model's mean token-embedding
 # norm by default (relative=True), so one default suits MiniLM, DeBERTa-v3 and RoBERTa alike;
@@ -588,7 +588,7 @@ class FGM:
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._ids = None
 
-    def _local(self):
+    def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
@@ -627,7 +627,7 @@ class FGM:
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            with self._local():
+            with self._no_sync():
                 loss = loss_fn(forward())
                 self._scaled(loss, scaler, accumulation_steps).backward()
             if self._delta is None or self._delta.grad is None:
@@ -667,7 +667,7 @@ class PGD:
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = None
 
-    def _local(self):
+    def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
@@ -691,7 +691,7 @@ class PGD:
         eps, alpha = self.eps * self.scale, self.alpha * self.scale
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            with self._local():
+            with self._no_sync():
                 loss = loss_fn(forward())
                 self._scaled(loss, scaler, accumulation_steps).backward()
             if self._delta is None or self._delta.grad is None:
@@ -709,7 +709,7 @@ class PGD:
                 if last:
                     self._scaled(loss_fn(forward()), scaler, accumulation_steps).backward()
                 else:
-                    with self._local():
+                    with self._no_sync():
                         grad, = torch.autograd.grad(self._scaled(loss_fn(forward()), scaler, accumulation_steps),
                                                     self._delta)
             self.skipped = self.skipped.to(ok.device) + (~ok)
@@ -751,7 +751,7 @@ class FreeLB:
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._mask = None
 
-    def _local(self):
+    def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
@@ -782,7 +782,7 @@ class FreeLB:
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
         handle = self.embedding.register_forward_hook(self._hook)
         try:
-            with self._local():
+            with self._no_sync():
                 loss = loss_fn(forward())
                 self._scaled(loss, scaler, accumulation_steps).backward()
             if self._delta is None or self._delta.grad is None:
@@ -797,7 +797,7 @@ class FreeLB:
             delta = torch.where(ok, delta, torch.zeros_like(delta))
             for step in range(self.steps):
                 self._delta = delta.requires_grad_()
-                with self._local() if step < self.steps - 1 else contextlib.nullcontext():
+                with self._no_sync() if step < self.steps - 1 else contextlib.nullcontext():
                     self._scaled(loss_fn(forward()) / self.steps, scaler, accumulation_steps).backward()
                 if step < self.steps - 1:
                     grad = self._delta.grad.float()
@@ -838,7 +838,7 @@ class AWP:
         self.adv_lr, self.adv_eps = adv_lr, adv_eps
         self.skipped = torch.zeros((), dtype=torch.long)
 
-    def _local(self):
+    def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
@@ -867,7 +867,7 @@ class AWP:
         captured = [None] * len(self.params)
         hooks = [p.register_hook(lambda g, i=i: captured.__setitem__(i, g)) for i, p in enumerate(self.params)]
         try:
-            with self._local():
+            with self._no_sync():
                 loss = loss_fn(forward())
                 self._scaled(loss, scaler, accumulation_steps).backward()
         finally:
@@ -933,7 +933,7 @@ class SiFT:
         self.last_kl = torch.zeros(())
         self._clean = self._delta = None
 
-    def _local(self):
+    def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
@@ -963,7 +963,7 @@ class SiFT:
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
         handle = self.module.register_forward_pre_hook(self._hook)
         try:
-            with self._local():
+            with self._no_sync():
                 out = forward()
             logits = getattr(out, "logits", out)
             if logits.shape[-1] < 2:
@@ -976,7 +976,7 @@ class SiFT:
             noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
             delta = noise.clamp(-2 * self.init, 2 * self.init)
             self._delta = delta.requires_grad_()
-            with self._local():
+            with self._no_sync():
                 adv = forward()
                 ascent = self.symmetric_kl(getattr(adv, "logits", adv), logits.detach()).sum()
                 unit = scaler.get_scale() if scaler is not None else 1.0  # avoids fp16 underflow, then undone

@@ -190,7 +190,7 @@ def test_bench_quick_prints_the_table(tmp_path, data_dir):
                        "--methods", "fgm,awp"]) == 0
     result = json.loads((out / "bench.json").read_text())
     rows = {r["row"]: r for r in result["rows"]}
-    assert set(rows) == {"seed-style (article setup)", "kit, batch 8", "kit baseline", "kit fgm", "kit awp"}
+    assert set(rows) == {"article setup", "kit, batch 8", "kit baseline", "kit fgm", "kit awp"}
     assert all(r["samples_per_s"] > 0 and r["step_ms"] > 0 for r in rows.values())
     # ratios are against the rows they name: each row's step time over the kit baseline's
     for r in rows.values():
@@ -359,3 +359,43 @@ def test_a_tokenizer_larger_than_the_model_is_refused(model_dirs):
     small = types.SimpleNamespace(vocab_size=5)
     with pytest.raises(advtrain.UserError, match="has only 5 embeddings"):
         advtrain.check_tokenizer(tok, small, [[1, 2, 9]], "m")
+
+
+@pytest.mark.parametrize("kind", ["cosine", "linear", "constant"])
+def test_scheduler_warms_up_linearly_then_decays_as_named(kind):
+    optimizer = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=1.0)
+    scheduler = advtrain.build_scheduler(optimizer, kind, warmup_steps=4, total_steps=14)
+    lrs = []
+    for _ in range(14):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    after = np.array(lrs[4:])
+    progress = np.arange(10) / 10
+    expected = {"cosine": 0.5 * (1 + np.cos(np.pi * progress)), "linear": 1 - progress,
+                "constant": np.ones(10)}[kind]
+    np.testing.assert_allclose(after, expected, atol=1e-12)
+
+
+def test_binary_metrics_match_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
+        got = advtrain.binary_metrics(y, p)
+        assert got["f1"] == pytest.approx(f1_score(y, p, zero_division=0.0))
+        assert got["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert advtrain.binary_metrics([0, 0], [0, 0])["f1"] == f1_score([0, 0], [0, 0], zero_division=0.0)
+
+
+def test_mean_pooling_averages_real_tokens_only(model_dirs):
+    model = advtrain.Classifier.from_pretrained(str(model_dirs["bert"]), pooling="mean", dropout=0.0).eval()
+    ids = torch.tensor([[2, 7, 8, 3, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    hidden = model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    expected = model.head(hidden[:, :4].mean(1))
+    torch.testing.assert_close(model(ids, mask), expected)
+    longer = torch.cat([ids, torch.tensor([[9, 9]])], 1), torch.cat([mask, torch.zeros(1, 2, dtype=torch.long)], 1)
+    torch.testing.assert_close(model(*longer), expected, rtol=1e-5, atol=1e-6)  # padding changes nothing

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import advtrain
-from conftest import ROOT
+from conftest import ATTACKS, ROOT, TEXTS, without_dropout
 from test_attacks import no_hooks_left
 
 transformers = pytest.importorskip("transformers")
@@ -21,13 +21,11 @@ SETTINGS = {"baseline": {}, "fgm": dict(eps=0.1), "pgd": dict(eps=0.1, alpha=0.0
 def attack_for(method, model):
     if method == "baseline":
         return None
-    return {"fgm": advtrain.FGM, "pgd": advtrain.PGD, "freelb": advtrain.FreeLB, "awp": advtrain.AWP,
-            "sift": advtrain.SiFT}[method](model, **SETTINGS[method])
+    return ATTACKS[method](model, **SETTINGS[method])
 
 
 def dataset(tok, n=8):
-    texts = ["Forest fire near La Ronge", "I love pizza on Friday lol", "Flood hits Tokyo, 40 evacuated",
-             "This album is fire", "Earthquake in Nepal", "Tacos tonight", "Tornado warning Ohio", "New phone"][:n]
+    texts = (TEXTS + ["Earthquake in Nepal", "Tacos tonight", "Tornado warning Ohio", "New phone"])[:n]
     ids = advtrain.tokenize(tok, texts, 32)
     width = max(map(len, ids))
     return [{"input_ids": torch.tensor(x + [tok.pad_token_id] * (width - len(x))),
@@ -65,10 +63,7 @@ def reference_loop(model, data, method, accum, steps, batch):
 
 
 def tiny_classifier(model_dirs):
-    model = advtrain.Classifier.from_pretrained(str(model_dirs["deberta-v2"]), dropout=0.0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = without_dropout(advtrain.Classifier.from_pretrained(str(model_dirs["deberta-v2"]), dropout=0.0))
     return model, advtrain.load_tokenizer(str(model_dirs["deberta-v2"]))
 
 

@@ -1193,6 +1193,23 @@ def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumula
                            accumulation_steps)
 
 
+class Selection:
+    """Every evaluation of one fold, and the best one's weights (on the CPU) and validation probabilities."""
+
+    def __init__(self, metric: str):
+        self.metric, self.history, self.best, self.state, self.probs = metric, [], None, None, None
+
+    def record(self, row: dict, metrics: dict, probs: np.ndarray, model: nn.Module) -> bool:
+        """Add an evaluation; keep its weights if it is the best so far. Returns whether it is."""
+        self.history.append(row)
+        improved = self.best is None or metrics[self.metric] > self.best[self.metric]
+        if improved:
+            self.best = {"epoch": row["epoch"], "step": row["step"], "attack_seen": row["attack_seen"], **metrics}
+            self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            self.probs = probs
+        return improved
+
+
 def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name="",
                resume: dict | None = None, checkpoint=None):
     """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
@@ -1228,7 +1245,7 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
     if getattr(attack, "scale", 1.0) != 1.0:
         log.info(f"{name}{cfg.method}: sizes are relative to the mean token-embedding norm {attack.scale:.4f}"
                  + (f" (fgm_eps {cfg.fgm_eps} -> {cfg.fgm_eps * attack.scale:.4f})" if cfg.method == "fgm" else ""))
-    history, best, best_state, best_probs, adv_started, adv_steps = [], None, None, None, None, 0
+    selection, adv_started, adv_steps = Selection(cfg.select_metric), None, 0
     train_seconds = eval_seconds = 0.0
     window_loss, window_batches = torch.zeros((), device=device), 0
     first_epoch = 0
@@ -1239,8 +1256,7 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
         if scaler is not None and resume["scaler"] is not None:
             scaler.load_state_dict(resume["scaler"])
         gate.start, gate.best = resume["gate"]
-        history, best, best_state, best_probs = resume["history"], resume["best"], resume["best_state"], \
-            resume["best_probs"]
+        selection.__dict__.update(resume["selection"])
         adv_started, adv_steps, first_epoch = resume["adv_started"], resume["adv_steps"], resume["epoch"]
         train_seconds, eval_seconds = resume["train_seconds"], resume["eval_seconds"]
         attack.skipped = torch.tensor(resume["skipped"])
@@ -1291,12 +1307,7 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
             row = {"epoch": position, "step": step + 1, "train_loss": round(train_loss, 6),
                    "valid_accuracy": metrics["accuracy"], "valid_f1": metrics["f1"], "adv_steps": adv_steps,
                    "attack_seen": adv_steps > 0, "lr": scheduler.get_last_lr()[0], "eval_seconds": round(seconds, 3)}
-            history.append(row)
-            improved = best is None or metrics[cfg.select_metric] > best[cfg.select_metric]
-            if improved:
-                best = {"epoch": position, "step": step + 1, "attack_seen": adv_steps > 0, **metrics}
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-                best_probs = probs
+            improved = selection.record(row, metrics, probs, model)
             gate.observe(metrics[cfg.select_metric], step + 1)
             log.info(f"{name}epoch {position:.2f} | loss {train_loss:.4f} | valid acc {metrics['accuracy']:.4f} "
                      f"f1 {metrics['f1']:.4f} | {'attacked ' + str(adv_steps) + ' steps | ' if adv_steps else ''}"
@@ -1308,19 +1319,19 @@ def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, am
         if checkpoint is not None:
             checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                        "gate": (gate.start, gate.best), "history": history, "best": best, "best_state": best_state,
-                        "best_probs": best_probs, "adv_started": adv_started, "adv_steps": adv_steps,
+                        "gate": (gate.start, gate.best), "selection": dict(vars(selection)),
+                        "adv_started": adv_started, "adv_steps": adv_steps,
                         "train_seconds": train_seconds, "eval_seconds": eval_seconds,
                         "skipped": int(attack.skipped), "rng": rng_state()})
     skips = int(attack.skipped)
     if skips:
         log.info(f"{name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without perturbation")
+    best = selection.best
+    attack_said = f", {'after' if best['attack_seen'] else 'before'} the attack started" if cfg.method != "baseline" \
+        else ""
     log.info(f"{name}selected the evaluation at epoch {best['epoch']:.2f} (valid {cfg.select_metric} "
-             f"{best[cfg.select_metric]:.4f}), {'after' if best['attack_seen'] else 'before'} the attack started"
-             if cfg.method != "baseline" else
-             f"{name}selected the evaluation at epoch {best['epoch']:.2f} (valid {cfg.select_metric} "
-             f"{best[cfg.select_metric]:.4f})")
-    return {"history": history, "best": best, "state": best_state, "valid_probs": best_probs[:, 1],
+             f"{best[cfg.select_metric]:.4f}){attack_said}")
+    return {"history": selection.history, "best": best, "state": selection.state, "valid_probs": selection.probs[:, 1],
             "adv_started_at": adv_started, "attack_scale": getattr(attack, "scale", None), "attack_skips": skips,
             "train_seconds": train_seconds, "eval_seconds": eval_seconds,
             "train_samples": len(train_data[0]) * cfg.epochs}

@@ -1984,6 +1984,18 @@ def result_row(path: Path) -> dict:
                         "delete that run folder to run it again.") from None
 
 
+def with_changed_labels(root: Path, results: pd.DataFrame, reference: str) -> pd.DataFrame:
+    """results with `labels_changed`: the share of test labels in each run's submission.csv that differ
+    from the reference method's of the same seed (does the method change what is submitted?)."""
+    def labels(run):
+        return pd.read_csv(Path(root) / run / "submission.csv", dtype=str).set_index("id")["target"]
+
+    ref = {r.seed: labels(r.run) for r in results.itertuples() if r.method == reference}
+    changed = [float((labels(r.run) != ref[r.seed].loc[labels(r.run).index]).mean()) if r.seed in ref else np.nan
+               for r in results.itertuples()]
+    return results.assign(labels_changed=changed)
+
+
 def summarize(results: pd.DataFrame, reference: str = "baseline"):
     """(per-method mean and std, per-method paired difference from the reference on the same seeds)."""
     metrics = ["valid_best", "holdout_accuracy", "holdout_f1", "holdout_f1_argmax", "attack_seen"]
@@ -2024,13 +2036,17 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
             summary.loc[method, (metric, "count")]
         return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
-    lines = [header, "| method | seeds | selected after the attack started | valid best | holdout acc | "
-             "holdout F1 (argmax) | holdout F1 (threshold) |", "|---|---|---|---|---|---|---|"]
+    lines = [header, "| method | seeds | selected after the attack started | test labels changed | valid best | "
+             "holdout acc | holdout F1 (argmax) | holdout F1 (threshold) |", "|---|---|---|---|---|---|---|---|"]
     for method in summary.index:
         n = int(summary.loc[method, ("holdout_f1", "count")])
-        seen = "n/a" if method == "baseline" else f"{round(summary.loc[method, ('attack_seen', 'mean')] * n)}/{n}"
-        lines.append(f"| {method} | {n} | {seen} | {cell(method, 'valid_best')} | {cell(method, 'holdout_accuracy')} | "
-                     f"{cell(method, 'holdout_f1_argmax')} | {cell(method, 'holdout_f1')} |")
+        seen = "n/a" if method == reference else f"{round(summary.loc[method, ('attack_seen', 'mean')] * n)}/{n}"
+        rows = results[results["method"] == method]
+        changed = "n/a" if method == reference or "labels_changed" not in results else \
+            f"{100 * rows['labels_changed'].mean():.1f}% (min {100 * rows['labels_changed'].min():.1f}%)"
+        lines.append(f"| {method} | {n} | {seen} | {changed} | {cell(method, 'valid_best')} | "
+                     f"{cell(method, 'holdout_accuracy')} | {cell(method, 'holdout_f1_argmax')} | "
+                     f"{cell(method, 'holdout_f1')} |")
     lines.append("\nmean ± standard deviation over seeds; accuracy and the last column at the run's threshold.")
     if len(diffs):
         lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
@@ -2142,7 +2158,7 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
             print(f"compare: {method} seed {seed} -> {out}")
             run(wanted)
             rows.append(result_row(out / "metrics.json"))
-    results = pd.DataFrame(rows)
+    results = with_changed_labels(root, pd.DataFrame(rows), "baseline" if "baseline" in methods else methods[0])
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     header = (f"# advtrain comparison\n\nmodel `{Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model}`, "
               f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, attack from {cfg.adv_start}, "

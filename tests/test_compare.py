@@ -51,8 +51,8 @@ def test_summary_on_a_hand_made_results_table():
     assert ("fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero."
             in text)
     assert "awp vs baseline: -0.33 holdout F1 points" in text and "not distinguishable from zero" in text
-    assert "| fgm | 3 | 2/3 | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7433 ± 0.0252 | 0.7467 ± 0.0252 |" in text
-    assert "| baseline | 3 | n/a |" in text and "| awp | 3 | 3/3 |" in text
+    assert "| fgm | 3 | 2/3 | n/a | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7433 ± 0.0252 | 0.7467 ± 0.0252 |" in text
+    assert "| baseline | 3 | n/a | n/a |" in text and "| awp | 3 | 3/3 |" in text
 
 
 def compare_args(data_dir, model_dir, out, *extra):
@@ -76,6 +76,10 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
         rows = results[results["method"] == method]
         cell = f"{rows['holdout_f1'].mean():.4f} ± {rows['holdout_f1'].std():.4f}"
         assert f"| {method} | 2 |" in text and cell in text
+    fgm = results[results["method"] == "fgm"].iloc[0]
+    mine = pd.read_csv(out / "fgm-seed1" / "submission.csv")["target"]
+    theirs = pd.read_csv(out / "baseline-seed1" / "submission.csv")["target"]
+    assert fgm["labels_changed"] == pytest.approx((mine != theirs).mean())
     diff = (results[results.method == "fgm"].set_index("seed")["holdout_f1"]
             - results[results.method == "baseline"].set_index("seed")["holdout_f1"]).mean()
     assert f"| fgm | 2 | {100 * diff:+.2f} |" in text

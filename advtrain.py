@@ -511,8 +511,10 @@ def resolve_model(name: str) -> str:
 def load_tokenizer(name_or_dir: str):
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_dir)
-    except (OSError, ValueError) as e:
-        raise UserError(f"Could not load the tokenizer of {name_or_dir!r} ({str(e).splitlines()[0]}).") from None
+    except Exception as e:  # noqa: BLE001 - OSError, ValueError; TypeError from transformers 4.x without the files
+        raise UserError(f"Could not load the tokenizer of {name_or_dir!r} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else 'no detail'}): the model folder needs its tokenizer "
+                        "files (tokenizer.json, or a vocab / spm model), saved with save_pretrained.") from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ Upload it to Kaggle as a utility script and `import advtrain`, run it from the c
 each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch.
 
 The file reads top to bottom in the order data flows: config -> data -> model -> attacks ->
-training loop (and the transformers.Trainer subclass) -> prediction/submission -> a whole run ->
+training loop with prediction (and the transformers.Trainer subclass) -> submission -> a whole run ->
 comparison across seeds -> offline demo -> CLI. The speed benchmark is tools/bench.py.
 """
 from __future__ import annotations
@@ -1195,6 +1195,33 @@ def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumula
                            accumulation_steps)
 
 
+@torch.inference_mode()
+def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
+    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host.
+    Under data-parallel training each rank predicts every world_size-th text and all ranks receive
+    the gathered whole, each text exactly once."""
+    model.eval()
+    shard = np.arange(len(ids))[rank()::world_size()]
+    order = shard[np.argsort([len(ids[i]) for i in shard], kind="stable")]
+    collate = Collator(pad_id)
+    chunks = []
+    for start in range(0, len(order), batch_size):
+        batch, _ = collate([(ids[i], 0) for i in order[start:start + batch_size]])
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with _autocast(device, amp_dtype):
+            logits = model(**batch)
+        chunks.append(torch.softmax(getattr(logits, "logits", logits).float(), -1))
+    local = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 2), dtype=np.float32)
+    parts = [(order, local)]
+    if world_size() > 1:
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, (order, local))
+    probs = np.empty((len(ids), parts[0][1].shape[-1]), dtype=np.float32)
+    for rows, values in parts:
+        probs[rows] = values
+    return probs
+
+
 class Selection:
     """Every evaluation of one fold, and the best one's weights (on the CPU) and validation probabilities."""
 
@@ -1470,35 +1497,8 @@ def __getattr__(name):
 
 
 # ---------------------------------------------------------------------------------------------
-# Prediction and submission
+# Submission: check and write
 # ---------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
-    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host.
-    Under data-parallel training each rank predicts every world_size-th text and all ranks receive
-    the gathered whole, each text exactly once."""
-    model.eval()
-    shard = np.arange(len(ids))[rank()::world_size()]
-    order = shard[np.argsort([len(ids[i]) for i in shard], kind="stable")]
-    collate = Collator(pad_id)
-    chunks = []
-    for start in range(0, len(order), batch_size):
-        batch, _ = collate([(ids[i], 0) for i in order[start:start + batch_size]])
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with _autocast(device, amp_dtype):
-            logits = model(**batch)
-        chunks.append(torch.softmax(getattr(logits, "logits", logits).float(), -1))
-    local = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 2), dtype=np.float32)
-    parts = [(order, local)]
-    if world_size() > 1:
-        parts = [None] * world_size()
-        dist.all_gather_object(parts, (order, local))
-    probs = np.empty((len(ids), parts[0][1].shape[-1]), dtype=np.float32)
-    for rows, values in parts:
-        probs[rows] = values
-    return probs
 
 
 def read_submission(path: Path) -> pd.DataFrame:

@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: a synthetic competition and tiny models built offline, loaded through
 from_pretrained (the real loading path)."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -60,3 +61,15 @@ def base_config(data_dir, model_dir, out, **kw):
                     adv_start="0")
     settings.update(kw)
     return advtrain.Config(**settings)
+
+
+def kaggle_repo(tmp_path):
+    """A copy of the repository's Kaggle pieces (Makefile, advtrain.py, tools, notebooks, metadata) to run make in."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("Makefile", "advtrain.py", "kernel-metadata.json", "requirements.txt", "requirements-dev.txt",
+                 "constraints-ci.txt"):
+        shutil.copy2(ROOT / name, repo / name)
+    shutil.copytree(ROOT / "tools", repo / "tools")
+    shutil.copytree(ROOT / "notebooks", repo / "notebooks")
+    return repo

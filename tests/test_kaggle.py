@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from conftest import ROOT
+from conftest import ROOT, kaggle_repo
 
 sys.path.insert(0, str(ROOT / "tools"))
 import kaggle_kit  # noqa: E402
@@ -137,13 +137,7 @@ STUB = textwrap.dedent("""\
 @pytest.fixture
 def kit(tmp_path, data_dir):
     """A copy of the repo's Kaggle pieces, a stand-in kaggle beside the Python make runs, and a way to run make."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("Makefile", "advtrain.py", "kernel-metadata.json", "requirements.txt", "requirements-dev.txt",
-                 "constraints-ci.txt"):
-        shutil.copy2(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "tools", repo / "tools")
-    shutil.copytree(ROOT / "notebooks", repo / "notebooks")
+    repo = kaggle_repo(tmp_path)
     stub = tmp_path / "kaggle"
     stub.write_text(STUB.format(python=sys.executable))
     stub.chmod(0o755)

@@ -1,14 +1,13 @@
 """The Kaggle round trip driven through the real kaggle package (its CLI, unmodified) against a stand-in
 Kaggle API served on loopback (tests/kaggle_standin.py)."""
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import kaggle_repo
 
 pytestmark = pytest.mark.slow
 CLI = Path(sys.executable).parent / "kaggle"
@@ -36,14 +35,7 @@ def standin():
 
 @pytest.fixture
 def repo(tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("Makefile", "advtrain.py", "kernel-metadata.json", "requirements.txt", "requirements-dev.txt",
-                 "constraints-ci.txt"):
-        shutil.copy2(ROOT / name, repo / name)
-    shutil.copytree(ROOT / "tools", repo / "tools")
-    shutil.copytree(ROOT / "notebooks", repo / "notebooks")
-    return repo
+    return kaggle_repo(tmp_path)
 
 
 def make(repo, *targets, token="good-token", **extra):

@@ -115,6 +115,8 @@ STUB = textwrap.dedent("""\
         else:
             print(f"Kernel version 1 successfully pushed.  Please check progress at "
                   f"https://www.kaggle.com/code/{{meta['id']}}")
+    elif args[:2] == ["competitions", "download"] and os.environ.get("STUB_CORRUPT_ZIP"):
+        Path(args[args.index("-p") + 1], "nlp-getting-started.zip").write_bytes(b"PK\\x03\\x04 cut short")
     elif args[:2] == ["competitions", "download"]:
         with zipfile.ZipFile(Path(args[args.index("-p") + 1], "nlp-getting-started.zip"), "w") as z:
             for name in ("train.csv", "test.csv", "sample_submission.csv"):
@@ -177,6 +179,15 @@ def test_make_data_downloads_unzips_and_is_idempotent(kit):
     assert {p.name for p in (repo / "data").iterdir()} == {"train.csv", "test.csv", "sample_submission.csv"}
     done, calls = make("data")
     assert done.returncode == 0 and calls == [] and "already holds" in done.stdout
+
+
+def test_a_corrupt_download_is_one_line_and_removed(kit):
+    repo, make, _, _ = kit
+    done, _ = make("data", STUB_CORRUPT_ZIP="1")
+    assert done.returncode == 2 and len(errors(done)) == 1 and "not a complete zip file" in errors(done)[0]
+    assert not (repo / "data" / "nlp-getting-started.zip").exists()
+    done, _ = make("data")
+    assert done.returncode == 0 and (repo / "data" / "train.csv").is_file()
 
 
 def test_make_push_waits_for_the_utility_then_pushes_in_waves_of_two(kit):

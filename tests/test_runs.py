@@ -139,3 +139,18 @@ def test_output_folder_errors_are_one_line(data_dir, model_dirs, tmp_path, capsy
     assert advtrain.main(args + ["--output-dir", str(blocker / "sub")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "advtrain: error:" in err
+
+
+def test_an_unwritable_output_folder_is_one_line(data_dir, model_dirs, tmp_path, monkeypatch, capsys):
+    real_mkdir = advtrain.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == advtrain.STAGE:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(advtrain.Path, "mkdir", mkdir)
+    code = advtrain.main(["train", "--model", str(model_dirs["bert"]), "--data-dir", str(data_dir), "--output-dir",
+                          str(tmp_path / "ro"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Permission denied" in err and "writable" in err

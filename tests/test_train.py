@@ -199,6 +199,7 @@ def test_bench_quick_prints_the_table(tmp_path, data_dir):
     text = (out / "bench.md").read_text()
     assert "| kit awp | 32 | fp32 |" in text and "competition files" in text and str(tmp_path) not in text
     assert bench.main(["--methods", "magic"]) == 2
+    assert bench.main(["--steps", "0"]) == 2 and bench.main(["--warmup", "0"]) == 2
 
 
 def test_readme_config_table_lists_every_field():

@@ -3,7 +3,9 @@
     python tools/kaggle_kit.py data | notebooks | push | status | output | submit | submissions
 
 Standard library only; it drives the official `kaggle` command-line tool, which `make setup` installs
-into .venv (kaggle 1.8 or later: older ones ignore machine_shape, so "GPU T4 x2" is not guaranteed).
+into .venv: kaggle 2.2.x, whose real CLI the tests drive against a stand-in Kaggle API. Another CLI can
+be named with KAGGLE_BIN; the status lines of 1.6 and 1.7 are read too, but kaggle before 1.8 ignores
+machine_shape, so "GPU T4 x2" is not guaranteed there.
 Settings come from the environment, as make passes them: METHODS (a subset of the notebooks),
 GPU_SESSIONS (Kaggle's cap on concurrent GPU sessions, 2), FORCE, METHOD, FILE, MSG.
 The committed metadata says OWNER where the Kaggle user name goes: `push` writes a copy with your
@@ -192,7 +194,7 @@ def kaggle_executable() -> str:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
     raise KitError("the kaggle CLI is not installed: run `make setup` (it installs kaggle into .venv), or "
-                   "pip install 'kaggle>=1.8' six")
+                   "pip install 'kaggle>=2.2' six")
 
 
 def explain(args: tuple[str, ...], output: str) -> str:
@@ -216,7 +218,7 @@ def explain(args: tuple[str, ...], output: str) -> str:
         return f"no connection to Kaggle for `kaggle {what}`: check the network (or a proxy), then try again."
     if "modulenotfounderror" in low or "no module named" in low:
         return (f"the kaggle CLI is broken ({text[:200]}): reinstall it with `make setup`, or "
-                "pip install 'kaggle>=1.8' six")
+                "pip install 'kaggle>=2.2' six")
     return f"`kaggle {' '.join(args)}` failed: {text[:600] or 'no output'}"
 
 

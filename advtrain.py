@@ -101,8 +101,9 @@ class Config:
     eval_every: float = _opt(0.25, "evaluate on validation every this fraction of an epoch (<= 1) or every this "
                              "many optimizer steps (> 1); the best evaluation's weights are kept")
     select_metric: str = _opt("f1", "validation metric that picks the best evaluation", ("f1", "accuracy"))
-    threshold: str = _opt("auto", "decision rule for label 1: auto = the probability threshold that maximises F1 "
-                          "on validation (out-of-fold for kfold), argmax, or a probability such as 0.4")
+    threshold: str = _opt("argmax", "decision rule for label 1: argmax, auto = the probability threshold that "
+                          "maximises F1 on validation (out-of-fold for kfold), or a probability such as 0.4; "
+                          "auto did not transfer to the holdout on the real files (RESULTS.md)")
     num_workers: int = _opt(0, "DataLoader worker processes")
     progress: bool = _opt(True, "show tqdm progress bars")
     save_model: bool = _opt(True, "save the best weights to output_dir/model.pt")
@@ -196,11 +197,13 @@ PRESETS = {
         dropout=0.0, select_metric="accuracy", adv_start="0", eval_every=1.0, threshold="argmax",
         eps_relative=False, fgm_eps=0.1, fgm_scope="vocab", awp_lr=1e-4, awp_eps=1e-4, awp_params="weight",
     ),
-    # The settings of the README's comparison on the real files (RESULTS.md): evaluation four times an
-    # epoch, attack from the end of warm-up, sizes relative to the embeddings, F1 threshold on validation.
+    # The protocol of the comparison on the real files (RESULTS.md), pinned so that later changes of the
+    # defaults do not move it: evaluation four times an epoch, the attack from the end of the warm-up,
+    # input-space sizes relative to the embeddings, argmax labels. No method beat the baseline there;
+    # these are the settings under which each was measured, not a promise of a gain.
     "recipe": dict(
-        eval_every=0.25, adv_start="warmup", threshold="auto", eps_relative=True, fgm_eps=0.2, awp_lr=1.0,
-        awp_eps=0.01, sift_lambda=3.0,
+        eval_every=0.25, adv_start="warmup", threshold="argmax", eps_relative=True, fgm_eps=0.2, fgm_scope="example",
+        awp_lr=1.0, awp_eps=0.01, awp_params="weight", sift_lambda=3.0, sift_init=1e-2, sift_lr=1e-4,
     ),
 }
 

@@ -271,6 +271,10 @@ def test_threshold_setting_reaches_the_submission(data_dir, model_dirs, tmp_path
     argmax = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "argmax", epochs=1,
                                       threshold="argmax"))
     assert argmax["score"]["threshold"] == 0.5 and argmax["score"]["argmax"] == argmax["score"]["tuned"]
+    auto = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "auto", epochs=1, threshold="auto"))
+    valid = pd.read_csv(tmp_path / "auto" / "oof.csv").query("split == 'valid'")
+    expected = advtrain.best_threshold(valid["target"], valid["prob"])
+    assert auto["score"]["threshold"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_last_partial_accumulation_group_has_full_weight(data_dir, model_dirs, tmp_path, monkeypatch):

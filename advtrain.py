@@ -2165,7 +2165,8 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
             rows.append(result_row(out / "metrics.json"))
     results = with_changed_labels(root, pd.DataFrame(rows), "baseline" if "baseline" in methods else methods[0])
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
-    header = (f"# advtrain comparison\n\nmodel `{Path(cfg.model).name if Path(cfg.model).is_dir() else cfg.model}`, "
+    shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
+    header = (f"# advtrain comparison\n\nmodel `{shown}`, "
               f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, attack from {cfg.adv_start}, "
               f"evaluation every {cfg.eval_every} epoch, threshold {cfg.threshold}, split {cfg.split}, "
               f"seeds {', '.join(map(str, seeds))}.\n")

@@ -304,6 +304,7 @@ def test_make_output_keeps_what_a_user_needs_apart_from_local_runs(kit):
     assert (awp / "submission.csv").read_text() != "mine"
 
 
+@pytest.mark.slow
 def test_make_submit_checks_the_file_first(kit, data_dir):
     repo, make, _, _ = kit
     done, calls = make("submit", "METHOD=bogus")

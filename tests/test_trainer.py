@@ -118,6 +118,7 @@ def test_adv_start_gates_the_attack(model_dirs, tmp_path):
     assert trainer.state.global_step == 6 and len(seen) == 2
 
 
+@pytest.mark.slow
 def test_advtrain_imports_without_accelerate(tmp_path):
     blocker = tmp_path / "accelerate"
     blocker.mkdir()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -22,7 +23,6 @@ import random
 import signal
 import sys
 import tempfile
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -285,7 +285,8 @@ def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
         raise UserError(f"{path} is not UTF-8 text (byte {raw[e.start]:#x} at byte offset {e.start}): "
                         "re-save it as UTF-8.") from None
     try:
-        df = pd.read_csv(path, encoding="utf-8", dtype={"id": str, "text": str, "keyword": str, "location": str})
+        df = pd.read_csv(io.BytesIO(raw), encoding="utf-8",
+                         dtype={"id": str, "text": str, "keyword": str, "location": str})
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: download it again with `make data`.") from None
     except pd.errors.ParserError as e:
@@ -984,8 +985,8 @@ class SiFT:
             with self._no_sync():
                 adv = forward()
                 ascent = self.symmetric_kl(getattr(adv, "logits", adv), logits.detach()).sum()
-                unit = scaler.get_scale() if scaler is not None else 1.0  # avoids fp16 underflow, then undone
-                grad, = torch.autograd.grad(ascent * unit, self._delta)
+                unit = scaler.scale(ascent.new_ones(())) if scaler is not None else 1.0  # no fp16 underflow,
+                grad, = torch.autograd.grad(ascent * unit, self._delta)  # then undone; a tensor: no host sync
             grad = grad / unit
             ok = torch.isfinite(grad).all()
             self.skipped = self.skipped.to(ok.device) + (~ok)
@@ -1790,8 +1791,9 @@ def check_tokenizer(tokenizer, model_config, ids, name: str) -> None:
     unk = tokenizer.unk_token_id
     special = set(tokenizer.all_special_ids) - {unk}
     words = [t for x in ids for t in x if t not in special]
-    if unk is not None and words and sum(t == unk for t in words) > 0.5 * len(words):
-        raise UserError(f"The tokenizer of {name!r} reads {100 * sum(t == unk for t in words) / len(words):.0f}% of "
+    unknown = sum(t == unk for t in words) / max(len(words), 1) if unk is not None else 0.0
+    if unknown > 0.5:
+        raise UserError(f"The tokenizer of {name!r} reads {100 * unknown:.0f}% of "
                         "the training tokens as unknown: the model folder lacks its tokenizer files "
                         "(tokenizer.json, vocab or spm model); copy them in with save_pretrained.")
 
@@ -1855,7 +1857,7 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
         saved = torch.load(path, map_location="cpu", weights_only=False)
     except (OSError, RuntimeError, EOFError, ValueError) as e:
         raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}): run without --resume.") from None
-    differ = _same_settings(saved["config"], cfg)
+    differ = _differing_settings(saved["config"], cfg)
     if differ:
         raise UserError(f"--resume: the interrupted run used other settings ({', '.join(differ)}): resume with "
                         "the same settings, or run without --resume.")
@@ -1965,15 +1967,15 @@ def run_dir_name(method: str, seed: int) -> str:
 _NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
 
 
-def _same_settings(recorded: dict, wanted: Config) -> list[str]:
+def _differing_settings(recorded: dict, wanted: Config) -> list[str]:
     """The settings in which a finished run's recorded config differs from the wanted one. A setting
     the run did not record (it predates that setting) counts as its default."""
     want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
     return [k for k in want if k not in _NOT_RESULTS and k != "max_len" and recorded.get(k, defaults[k]) != want[k]]
 
 
-def result_row(path: Path) -> dict:
-    """One row of the comparison from a run's metrics.json."""
+def result_row(path: Path) -> tuple[dict, dict]:
+    """One row of the comparison from a run's metrics.json, and the config the run recorded."""
     try:
         m = json.loads(path.read_text())
         score = m["score"]
@@ -1983,20 +1985,19 @@ def result_row(path: Path) -> dict:
                 "holdout_f1_argmax": score["argmax"]["f1"], "threshold": score["threshold"],
                 "attack_seen": bool(m["attack_seen"]), "train_seconds": m["train_seconds"],
                 "samples_per_s": m["train_samples_per_s"], "attack_skips": m["attack_skips"],
-                "run": path.parent.name}
+                "run": path.parent.name}, m["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a metrics.json of this advtrain version ({type(e).__name__}: {e}): "
-                        "delete that run folder to run it again.") from None
+        raise UserError(f"{path} is not a metrics.json of advtrain ({type(e).__name__}: {e}): delete that run "
+                        "folder to run it again.") from None
 
 
 def with_changed_labels(root: Path, results: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """results with `labels_changed`: the share of test labels in each run's submission.csv that differ
-    from the reference method's of the same seed (does the method change what is submitted?)."""
-    def labels(run):
-        return pd.read_csv(Path(root) / run / "submission.csv", dtype=str).set_index("id")["target"]
-
-    ref = {r.seed: labels(r.run) for r in results.itertuples() if r.method == reference}
-    changed = [float((labels(r.run) != ref[r.seed].loc[labels(r.run).index]).mean()) if r.seed in ref else np.nan
+    """results with `labels_changed`: for each run, the share of its submission.csv's test labels that
+    differ against the reference method's run of the same seed (does the method change what is submitted?)."""
+    labels = {r.run: pd.read_csv(Path(root) / r.run / "submission.csv", dtype=str).set_index("id")["target"]
+              for r in results.itertuples()}
+    ref = {r.seed: labels[r.run] for r in results.itertuples() if r.method == reference}
+    changed = [float((labels[r.run] != ref[r.seed].loc[labels[r.run].index]).mean()) if r.seed in ref else np.nan
                for r in results.itertuples()]
     return results.assign(labels_changed=changed)
 
@@ -2147,22 +2148,18 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
             out = root / run_dir_name(method, seed)
             wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True)
             if (out / "metrics.json").is_file():
-                try:
-                    recorded = json.loads((out / "metrics.json").read_text())["config"]
-                except (ValueError, KeyError, TypeError):
-                    raise UserError(f"{out / 'metrics.json'} is not a metrics.json of advtrain: delete {out} to run "
-                                    "it again.") from None
-                differ = _same_settings(recorded, wanted)
+                row, recorded = result_row(out / "metrics.json")
+                differ = _differing_settings(recorded, wanted)
                 if not differ:
                     print(f"compare: {out} is finished with the same settings, not run again")
-                    rows.append(result_row(out / "metrics.json"))
+                    rows.append(row)
                     continue
                 if not cfg.overwrite:
                     raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
                                     "run it again with these, or choose another --output-dir.")
             print(f"compare: {method} seed {seed} -> {out}")
             run(wanted)
-            rows.append(result_row(out / "metrics.json"))
+            rows.append(result_row(out / "metrics.json")[0])
     results = with_changed_labels(root, pd.DataFrame(rows), "baseline" if "baseline" in methods else methods[0])
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
@@ -2362,8 +2359,10 @@ def _terminate(signum, frame):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    previous = signal.signal(signal.SIGTERM, _terminate) if threading.current_thread() is threading.main_thread() \
-        else None
+    try:  # SIGTERM (a Kaggle session ending) stops a run like Ctrl-C; only the main thread may set handlers
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:
+        previous = None
     try:
         if args.command is None:  # what a Kaggle utility-script run does: show what this is, succeed
             print(f"advtrain {__version__} (torch {torch.__version__}, transformers {transformers.__version__}): "

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -46,6 +48,10 @@ log = logging.getLogger("advtrain")
 # ---------------------------------------------------------------------------------------------
 
 METHODS = ("baseline", "fgm", "pgd", "freelb", "awp", "sift")
+TASKS = ("auto", "binary", "multiclass", "multilabel", "regression")
+# Every competition metric, and whether higher is better (the direction in which the best evaluation is picked).
+METRICS = {"f1": True, "accuracy": True, "logloss": False, "auc": True, "rmse": False, "mcrmse": False,
+           "pearson": True, "qwk": True}
 
 
 def _opt(default, help, choices=None):
@@ -63,21 +69,37 @@ class Config:
 
     # run
     method: str = _opt("baseline", "adversarial method", METHODS)
-    preset: str = _opt("", "start from a named set of settings; explicit flags still win", ("", "article", "recipe"))
+    preset: str = _opt("", "start from a named set of settings; every setting you give wins", ("", "article", "recipe"))
     model: str = _opt("microsoft/deberta-v3-xsmall", "hub name or local folder of a Hugging Face encoder")
-    data_dir: str = _opt("", "folder with train.csv/test.csv; empty: the Kaggle mount, else ./data")
+    competition: str = _opt("nlp-getting-started", "Kaggle slug of the competition: where its files are mounted "
+                            "under /kaggle/input")
+    data_dir: str = _opt("", "folder with train and test (.csv or .tsv) and the sample submission; empty: the "
+                         "competition's Kaggle mount, else ./data")
+    train: str = _opt("", "the training file, if not data_dir's train.csv/.tsv")
+    test: str = _opt("", "the test file, if not data_dir's test.csv/.tsv")
+    sample_submission: str = _opt("", "the sample submission, if not data_dir's sample_submission.csv or "
+                                  "sampleSubmission.csv")
     output_dir: str = _opt("submissions/run", "where submission.csv, metrics.json, train.log and the model go")
     overwrite: bool = _opt(False, "replace the files of an earlier run in output_dir (only once this run succeeds)")
     resume: bool = _opt(False, "continue the interrupted run in output_dir from its last completed epoch")
     seed: int = _opt(42, "seed of the data split, the shuffling and the initialisation")
     device: str = _opt("auto", "auto (cuda if present), cuda, cuda:1, cpu")
-    # data
+    # data: columns, task, metric
+    text_cols: str = _opt("text", "text column(s), comma-separated: two are encoded as a sentence pair; three or "
+                          "more: the first, then the rest joined by the separator token")
+    target_cols: str = _opt("target", "target column(s), comma-separated")
+    id_col: str = _opt("", "id column; empty: the sample submission's first column, else id")
+    group_col: str = _opt("", "rows sharing a value of this column stay on one side of every split")
+    task: str = _opt("auto", "auto: one 0/1 column is binary, strings or integers with more than two values "
+                     "multiclass, several 0/1 columns multilabel, numbers regression", TASKS)
+    metric: str = _opt("", "competition metric; empty: f1 (binary), accuracy (multiclass), auc (multilabel), "
+                       "rmse (one regression target), mcrmse (several)", ("",) + tuple(METRICS))
     use_keyword: bool = _opt(False, "prepend the keyword column to the text ('keyword: text')")
     max_len: int = _opt(0, "token limit; 0 = the longest training text, capped by the model")
     split: str = _opt("holdout", "holdout: the article's protocol; kfold: stratified folds with OOF",
                       ("holdout", "kfold"))
-    holdout_size: int = _opt(1500, "holdout rows (first rows after the seeded shuffle)")
-    valid_size: int = _opt(1500, "validation rows (the next rows after the holdout)")
+    holdout_size: float = _opt(1500, "holdout rows (first rows after the seeded shuffle); below 1: a fraction")
+    valid_size: float = _opt(1500, "validation rows (the next rows after the holdout); below 1: a fraction")
     n_folds: int = _opt(5, "folds for split=kfold")
     group_by_length: bool = _opt(True, "batch texts of similar length together (less padding)")
     pad_to_max: bool = _opt(False, "pad every batch to max_len, as the article did (slow; for comparison)")
@@ -100,8 +122,9 @@ class Config:
     compile: bool = _opt(False, "torch.compile the model (falls back to eager if compilation fails)")
     eval_every: float = _opt(0.25, "evaluate on validation every this fraction of an epoch (<= 1) or every this "
                              "many optimizer steps (> 1); the best evaluation's weights are kept")
-    select_metric: str = _opt("f1", "validation metric that picks the best evaluation", ("f1", "accuracy"))
-    threshold: str = _opt("argmax", "decision rule for label 1: argmax, auto = the probability threshold that "
+    select_metric: str = _opt("", "validation metric that picks the best evaluation, in its own direction; "
+                              "empty: the competition metric", ("",) + tuple(METRICS))
+    threshold: str = _opt("argmax", "binary F1 only: decision rule for label 1: argmax, auto = the probability threshold that "
                           "maximises F1 on validation (out-of-fold for kfold), or a probability such as 0.4; "
                           "auto did not transfer to the holdout on the real files (RESULTS.md)")
     num_workers: int = _opt(0, "DataLoader worker processes")
@@ -135,12 +158,18 @@ class Config:
     sift_module: str = _opt("", "SiFT: name of the module to perturb in front of (default: embeddings.LayerNorm)")
 
     def __post_init__(self):
-        """Apply the preset to every field still at its default, then check every setting, so that a bad
-        one fails here, before any data or model is loaded."""
-        if self.preset:
-            for f in dataclasses.fields(self):
-                if f.name in PRESETS.get(self.preset, {}) and getattr(self, f.name) == f.default:
-                    setattr(self, f.name, PRESETS[self.preset][f.name])
+        """Normalise the column lists, apply the preset to every field the caller did not set, then check
+        every setting, so that a bad one fails here, before any data or model is loaded."""
+        for name in ("text_cols", "target_cols"):
+            setattr(self, name, _columns(getattr(self, name), name))
+        if not str(self.output_dir).strip():
+            raise UserError("output_dir is empty: name the folder for the run's files, e.g. --output-dir "
+                            "submissions/run.")
+        for name in ("output_dir", "data_dir", "train", "test", "sample_submission"):  # --output-dir=~/x as ~/x
+            setattr(self, name, os.path.expanduser(getattr(self, name)) if getattr(self, name) else "")
+        for name, value in PRESETS.get(self.preset, {}).items():
+            if name not in self._explicit:
+                setattr(self, name, value)
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value not in choices:
@@ -155,19 +184,25 @@ class Config:
                      "sift_lambda", "sift_init", "sift_lr"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.seed >= 2**32:
+            raise UserError(f"seed must be below 2**32 (numpy's range), got {self.seed}.")
+        if 0 < self.max_len < 4:
+            raise UserError(f"max_len {self.max_len} leaves no room for text beside the special tokens: use 0 (the "
+                            "longest training text) or at least 4.")
         if self.lr <= 0:
             raise UserError(f"lr must be positive, got {self.lr} (on the command line: --lr 3e-5).")
         if not 0 <= self.dropout < 1:
             raise UserError(f"dropout is a probability in [0, 1), got {self.dropout}.")
         if not 0 <= self.warmup < 1:
             raise UserError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}.")
-        if self.split == "holdout" and (self.holdout_size < 1 or self.valid_size < 1):
-            raise UserError(f"holdout_size and valid_size must be at least 1 for split=holdout, got "
-                            f"{self.holdout_size} and {self.valid_size}.")
+        for name in ("holdout_size", "valid_size"):
+            value = getattr(self, name)
+            if self.split == "holdout" and (value <= 0 or (value >= 1 and value != int(value))):
+                raise UserError(f"{name} is a number of rows (at least 1) or a fraction in (0, 1), got {value}.")
         if self.split == "kfold" and self.n_folds < 2:
             raise UserError(f"n_folds must be at least 2 for split=kfold, got {self.n_folds}.")
-        if self.eval_every <= 0 or (self.eval_every > 1 and self.eval_every != int(self.eval_every)):
-            raise UserError(f"eval_every is a fraction of an epoch in (0, 1] or a whole number of optimizer steps, "
+        if self.eval_every < 0.01 or (self.eval_every > 1 and self.eval_every != int(self.eval_every)):
+            raise UserError(f"eval_every is a fraction of an epoch in [0.01, 1] or a whole number of optimizer steps, "
                             f"got {self.eval_every}.")
         if self.adv_start not in ("warmup", "auto") and not _is_number(self.adv_start, minimum=0):
             raise UserError(f"adv_start must be warmup, auto or an epoch >= 0 such as 1 or 0.5, "
@@ -177,15 +212,39 @@ class Config:
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
                                                                and self.device[5:].isdigit()):
             raise UserError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}.")
+        if self.task != "auto" and self.metric and self.metric not in TASK_METRICS[self.task]:
+            raise UserError(f"metric {self.metric} does not score a {self.task} task: use one of "
+                            f"{', '.join(TASK_METRICS[self.task])}.")
 
 
-def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
-    """Whether text (a setting given as a string) is a finite number within [minimum, maximum]."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(value) and minimum <= value <= maximum
+_dataclass_init = Config.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _config_init(self, *args, **kwargs):
+    """Remember which settings the caller gave (positionally or by name): a preset fills only the others,
+    whether or not a given value equals the default."""
+    self._explicit = {f.name for f in dataclasses.fields(Config)[:len(args)]} | set(kwargs)
+    _dataclass_init(self, *args, **kwargs)
+
+
+Config.__init__ = _config_init
+
+
+def given_settings(cfg: Config) -> dict:
+    """The settings the caller of Config gave, to build another Config on top of them."""
+    return {name: getattr(cfg, name) for name in cfg._explicit}
+
+
+def _columns(value, name: str) -> list[str]:
+    """A list of column names from a list or a comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    cols = [str(c).strip() for c in items if str(c).strip()]
+    if not cols:
+        raise UserError(f"{name} names no column: give one or more, comma-separated.")
+    if len(set(cols)) != len(cols):
+        raise UserError(f"{name} names a column twice: {','.join(cols)}.")
+    return cols
 
 
 PRESETS = {
@@ -231,7 +290,7 @@ def env_overrides(cfg: Config, environ=None) -> Config:
                 changes[f.name] = kind(raw)
             except ValueError:
                 raise UserError(f"ADVTRAIN_{f.name.upper()}={raw!r} is not a valid {kind.__name__}.") from None
-    return dataclasses.replace(cfg, **changes)
+    return Config(**{**given_settings(cfg), **changes})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,28 +298,36 @@ def env_overrides(cfg: Config, environ=None) -> Config:
 # ---------------------------------------------------------------------------------------------
 
 KAGGLE_INPUT = Path("/kaggle/input")
-KAGGLE_MOUNTS = ("competitions/nlp-getting-started", "nlp-getting-started")
+NAMES = {"train": ("train.csv", "train.tsv"), "test": ("test.csv", "test.tsv"),
+         "sample_submission": ("sample_submission.csv", "sampleSubmission.csv")}
 
 
-def find_data_dir(data_dir: str = "", needs: str = "train.csv") -> Path:
-    """An explicit folder wins; else the Kaggle competition mount; else any folder under /kaggle/input
-    holding `needs`; else ./data."""
+def find_file(folder: Path, role: str) -> Path | None:
+    """The competition file of a role (train, test, sample_submission) in folder, under any of its usual names."""
+    return next((folder / n for n in NAMES[role] if (folder / n).is_file()), None)
+
+
+def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "nlp-getting-started") -> Path:
+    """An explicit folder wins; else the competition's Kaggle mount; else any folder under /kaggle/input
+    holding the `needs` file; else ./data."""
+    wanted = " or ".join(NAMES[needs])
     if data_dir:
-        path = Path(data_dir)
-        if not (path / needs).is_file():
-            raise UserError(f"{path / needs} not found: point --data-dir at the folder holding the "
-                            "competition's train.csv and test.csv (`make data` downloads them).")
+        path = Path(data_dir).expanduser()
+        if find_file(path, needs) is None:
+            raise UserError(f"{path} holds no {wanted}: point --data-dir at the folder holding the competition's "
+                            "files (`make data` downloads them), or name the file with --" + needs.replace("_", "-")
+                            + ".")
         return path
-    for mount in KAGGLE_MOUNTS:
-        if (KAGGLE_INPUT / mount / needs).is_file():
-            return KAGGLE_INPUT / mount
+    for mount in (KAGGLE_INPUT / "competitions" / competition, KAGGLE_INPUT / competition):
+        if find_file(mount, needs):
+            return mount
     if KAGGLE_INPUT.is_dir():
-        found = sorted(KAGGLE_INPUT.rglob(needs))
+        found = sorted(p for n in NAMES[needs] for p in KAGGLE_INPUT.rglob(n))
         if found:
             return found[0].parent
-    if Path("data", needs).is_file():
+    if find_file(Path("data"), needs):
         return Path("data")
-    raise UserError(f"No {needs} found in ./data or under /kaggle/input: run `make data` "
+    raise UserError(f"No {wanted} found in ./data or under /kaggle/input: run `make data` "
                     "(or attach the competition to the notebook), or pass --data-dir.")
 
 
@@ -269,96 +336,461 @@ def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
-    """Read a competition CSV and check what every later step relies on; one clear sentence per problem.
-    Ids are kept as the text in the file (00677 stays 00677)."""
+def read_table(path: Path, required=()) -> pd.DataFrame:
+    """Read a competition file (.csv, or tab-separated .tsv) with every cell as the text in the file:
+    ids stay as written (00677 stays 00677) and a text reading NA, None or null stays that text.
+    Checks what every later step relies on; one clear sentence per problem."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a file: name the file itself.")
     if not path.is_file():
-        raise UserError(f"{path} not found: the competition folder needs train.csv and test.csv.")
+        raise UserError(f"{path} not found: the competition folder needs its train and test files.")
     raw = path.read_bytes()
-    archive = {b"\x1f\x8b": "gzip", b"PK": "zip"}.get(raw[:2])
-    if archive:
-        raise UserError(f"{path} is a {archive} archive, not a CSV: "
-                        "unpack it first (`make data` does).")
+    if raw[:2] == b"\x1f\x8b":
+        raise UserError(f"{path} is a gzip archive, not a CSV: unpack it first (gunzip; `make data` does).")
+    if raw[:2] == b"PK":
+        kind = "an Excel workbook" if b"xl/" in raw[:4096] or b"[Content_Types]" in raw[:4096] else "a zip archive"
+        fix = "save it as CSV (UTF-8) from Excel" if kind.startswith("an Excel") else "unpack it first (`make data` does)"
+        raise UserError(f"{path} is {kind}, not a CSV: {fix}.")
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {raw[e.start]:#x} at byte offset {e.start}): "
                         "re-save it as UTF-8.") from None
+    tsv = path.suffix.lower() == ".tsv"
+    first = text.lstrip("\ufeff").split("\n", 1)[0]
+    header = next(csv.reader([first], delimiter="\t" if tsv else ","), [])
+    semicolons = " It looks separated by ';': save it with commas." if not tsv and ";" in first else ""
+    doubled = sorted({c for c in header if header.count(c) > 1})
+    if doubled:
+        raise UserError(f"{path} has the column {doubled[0]!r} more than once: rename or drop the copy.")
     try:
-        df = pd.read_csv(io.BytesIO(raw), encoding="utf-8",
-                         dtype={"id": str, "text": str, "keyword": str, "location": str})
+        df = pd.read_csv(io.StringIO(text.lstrip("\ufeff")), sep="\t" if tsv else ",", dtype=str,
+                         keep_default_na=False, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: download it again with `make data`.") from None
     except pd.errors.ParserError as e:
-        raise UserError(f"{path} is not a readable CSV ({str(e).strip()}).") from None
+        raise UserError(f"{path} is not a readable CSV ({str(e).strip()}).{semicolons}") from None
     missing = [c for c in required if c not in df.columns]
     if missing:
-        hint = " It looks separated by ';': save it with commas." if ";" in ",".join(map(str, df.columns)) else ""
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: expected {', '.join(required)} "
-                        f"(found {', '.join(map(str, df.columns))}).{hint}")
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: its columns are "
+                        f"{', '.join(map(str, df.columns))}; name yours with --text-cols, --target-cols and "
+                        f"--id-col.{semicolons}")
     if df.empty:
         raise UserError(f"{path} has a header but no rows.")
-    if df["id"].isna().any():
-        raise UserError(f"{path} has {int(df['id'].isna().sum())} row(s) without an id.")
-    dup = df["id"][df["id"].duplicated()]
-    if len(dup):
-        raise UserError(f"{path} has {len(dup)} duplicate id(s), e.g. {dup.iloc[0]}: ids must be unique.")
-    if "target" in required:
-        target = pd.to_numeric(df["target"], errors="coerce")
-        bad = ~target.isin([0, 1])
-        if bad.any():
-            rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:3])
-            raise UserError(f"{path}: target must be 0 or 1, but {int(bad.sum())} row(s) are not "
-                            f"(line {rows}, value {_plain(df['target'][bad].iloc[0])!r}).")
-        df["target"] = target.astype(int)
     return df
 
 
-def load_competition(data_dir: Path, use_keyword: bool = False):
-    """train, test and the submission id order (sample_submission's if present, else test's)."""
-    train = read_csv(data_dir / "train.csv", ("id", "text", "target"))
-    test, order = load_test(data_dir)
-    for name, df in (("train.csv", train), ("test.csv", test)):
-        n_nan = int(df["text"].isna().sum())
-        if n_nan:
-            log.info(f"{name}: {n_nan} empty text(s) read as ''")
-        df["text"] = df["text"].fillna("")
-        if use_keyword and "keyword" in df.columns:
-            kw = df["keyword"].fillna("").str.replace("%20", " ")
-            df["text"] = np.where(kw != "", kw + ": " + df["text"], df["text"])
-    return train, test, order
+def check_ids(df: pd.DataFrame, id_col: str, name: str) -> None:
+    empty = df[id_col].str.strip() == ""
+    if empty.any():
+        raise UserError(f"{name} has {int(empty.sum())} row(s) with an empty {id_col} (line "
+                        f"{int(np.flatnonzero(empty)[0]) + 2}).")
+    dup = df[id_col][df[id_col].duplicated()]
+    if len(dup):
+        raise UserError(f"{name} has {len(dup)} duplicate {id_col}(s), e.g. {dup.iloc[0]}: ids must be unique.")
 
 
-def load_test(data_dir: Path):
-    """test.csv and the submission id order (sample_submission's if present, else test's)."""
-    test = read_csv(data_dir / "test.csv", ("id", "text"))
-    order = test["id"]
-    sample_path = data_dir / "sample_submission.csv"
-    if sample_path.is_file():
-        sample = read_csv(sample_path, ("id",))
-        if set(sample["id"]) != set(test["id"]):
-            raise UserError(f"{sample_path} and {data_dir / 'test.csv'} list different ids: "
-                            "download both again with `make data`.")
-        order = sample["id"]
-    return test, order.to_numpy()
+# ---------------------------------------------------------------------------------------------
+# Task: what differs between competitions (outputs, loss, metric, submission columns)
+# ---------------------------------------------------------------------------------------------
+
+TASK_METRICS = {"binary": ("f1", "accuracy", "logloss", "auc", "qwk"),
+                "multiclass": ("accuracy", "logloss", "auc", "qwk", "f1"),
+                "multilabel": ("auc", "logloss", "f1", "accuracy"),
+                "regression": ("rmse", "mcrmse", "pearson", "qwk")}
+LABEL_METRICS = ("f1", "accuracy", "qwk")  # scored on labels, so the submission holds labels
 
 
-def holdout_split(n: int, seed: int, holdout_size: int = 1500, valid_size: int = 1500):
+def _is_int(values: pd.Series) -> bool:
+    return bool(values.str.fullmatch(r"\s*[+-]?\d+\s*").all())
+
+
+def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
+    """Whether text (a setting given as a string) is a finite number within [minimum, maximum]."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and minimum <= value <= maximum
+
+
+@dataclass
+class Task:
+    """What differs between competitions, in one place: the head's size, the loss, how outputs become
+    probabilities or values, the metric and its direction, and how predictions become submission columns.
+    kind: binary | multiclass (cross-entropy, softmax) | multilabel (BCE per label, sigmoid) | regression
+    (MSE per target). classes: the class values as train.csv writes them, in index order."""
+
+    kind: str
+    target_cols: list
+    metric: str
+    classes: list = field(default_factory=list)
+    bounds: list = field(default_factory=list)  # regression: lowest and highest training target (qwk rounds into it)
+
+    @classmethod
+    def infer(cls, train: pd.DataFrame, target_cols, kind: str = "auto", metric: str = "", where: str = "train"):
+        """The task of train's target columns: kind `auto` decides from their values (logged by the caller)."""
+        values = train[target_cols]
+        for col in target_cols:
+            empty = values[col].str.strip() == ""
+            if empty.any():
+                raise UserError(f"{where}: {int(empty.sum())} row(s) have no {col} (line "
+                                f"{int(np.flatnonzero(empty)[0]) + 2}): fill or drop them.")
+        numeric = all(values[c].map(_is_number).all() for c in target_cols)
+        ints = numeric and all(_is_int(values[c]) for c in target_cols)
+        binary01 = ints and all(set(values[c].astype(int)) <= {0, 1} for c in target_cols)
+        if kind == "auto":
+            if len(target_cols) > 1:
+                kind = "multilabel" if binary01 else "regression" if numeric else ""
+                if not kind:
+                    raise UserError(f"{where}: target columns {', '.join(target_cols)} hold text; several targets "
+                                    "must be 0/1 (multilabel) or numbers (regression).")
+            elif binary01 and set(values[target_cols[0]].astype(int)) == {0, 1}:
+                kind = "binary"
+            else:
+                kind = "multiclass" if ints or not numeric else "regression"
+        if kind in ("binary", "multiclass") and len(target_cols) != 1:
+            raise UserError(f"task {kind} takes one target column, got {', '.join(target_cols)}.")
+        if kind in ("binary", "multilabel") and not binary01:
+            col = next(c for c in target_cols if not (_is_int(values[c]) and set(values[c].astype(int)) <= {0, 1}))
+            bad = ~values[col].str.strip().isin(["0", "1"])
+            rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:3])
+            raise UserError(f"{where}: {col} must be 0 or 1 for task {kind}, but {int(bad.sum())} row(s) are not "
+                            f"(line {rows}, value {values[col][bad].iloc[0]!r}).")
+        if kind == "regression" and not numeric:
+            col = next(c for c in target_cols if not values[c].map(_is_number).all())
+            bad = ~values[col].map(_is_number)
+            raise UserError(f"{where}: {col} must be numbers for task regression, found "
+                            f"{values[col][bad].iloc[0]!r} (line {int(np.flatnonzero(bad)[0]) + 2}).")
+        classes, bounds = [], []
+        if kind == "binary":
+            classes = ["0", "1"]
+        elif kind == "multiclass":
+            col = values[target_cols[0]].str.strip()
+            classes = sorted(set(col), key=lambda v: (float(v), v) if ints else (0, v))
+            if len(classes) < 2:
+                raise UserError(f"{where}: {target_cols[0]} holds one class only ({classes[0]!r}): nothing to learn.")
+        elif kind == "regression":
+            numbers = values.astype(float).to_numpy()
+            bounds = [float(numbers.min()), float(numbers.max())]
+        metric = metric or {"binary": "f1", "multiclass": "accuracy", "multilabel": "auc"}.get(
+            kind, "rmse" if len(target_cols) == 1 else "mcrmse")
+        if metric not in TASK_METRICS[kind]:
+            raise UserError(f"metric {metric} does not score a {kind} task: use one of "
+                            f"{', '.join(TASK_METRICS[kind])}.")
+        return cls(kind, list(target_cols), metric, classes, bounds)
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.classes) if self.classes else len(self.target_cols)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return METRICS[self.metric]
+
+    @property
+    def writes_labels(self) -> bool:
+        return self.metric in LABEL_METRICS
+
+    @property
+    def divergence(self) -> str:
+        """SiFT's consistency loss for this task (DeBERTa's options)."""
+        return {"regression": "mse", "multilabel": "binary-symmetric-kl"}.get(self.kind, "symmetric-kl")
+
+    @property
+    def output_names(self) -> list:
+        """Columns of test_probs.csv: P(1) for binary, one per class, or one per target column."""
+        return ["prob"] if self.kind == "binary" else self.classes or list(self.target_cols)
+
+    def encode(self, df: pd.DataFrame) -> np.ndarray:
+        """The training targets as the loss takes them: class indices, or a float matrix (rows x targets)."""
+        if self.classes:
+            index = {c: i for i, c in enumerate(self.classes)}
+            return df[self.target_cols[0]].str.strip().map(index).to_numpy(dtype=np.int64)
+        return df[self.target_cols].astype(float).to_numpy(dtype=np.float32)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.classes:
+            return F.cross_entropy(logits, labels)
+        if self.kind == "multilabel":
+            return F.binary_cross_entropy_with_logits(logits, labels)
+        return F.mse_loss(logits, labels)
+
+    def activate(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities (softmax over classes, sigmoid per label) or the regression values themselves."""
+        logits = logits.float()
+        if self.classes:
+            return torch.softmax(logits, -1)
+        return torch.sigmoid(logits) if self.kind == "multilabel" else logits
+
+    def labels(self, pred: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+        """Class indices (binary: P(1) > threshold), 0/1 per label, or regression values rounded into range."""
+        if self.kind == "binary":
+            return (pred[:, 1] > threshold).astype(int)
+        if self.classes:
+            return pred.argmax(1)
+        if self.kind == "multilabel":
+            return (pred > threshold).astype(int)
+        return np.rint(np.clip(pred, *self.bounds)).astype(int)
+
+    def evaluate(self, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> dict:
+        """The competition metric and the task's usual companions (binary: accuracy and F1), with
+        scikit-learn and scipy. Labels at `threshold` for binary, argmax for multiclass."""
+        names = dict.fromkeys([self.metric, *{"binary": ("accuracy", "f1"), "multiclass": ("accuracy", "logloss"),
+                                              "multilabel": ("auc",)}.get(self.kind, ("pearson",))])
+        return {name: metric_value(name, self, y, pred, threshold) for name in names}
+
+    def table(self, pred: np.ndarray) -> pd.DataFrame:
+        """Predictions as the columns of test_probs.csv (output_names)."""
+        return pd.DataFrame(pred[:, 1:] if self.kind == "binary" else pred, columns=self.output_names)
+
+    def from_table(self, df: pd.DataFrame) -> np.ndarray:
+        """The inverse of table: the prediction matrix from test_probs.csv's columns."""
+        values = df[self.output_names].to_numpy(dtype=np.float64)
+        return np.hstack([1 - values, values]) if self.kind == "binary" else values
+
+    def value_columns(self) -> list:
+        """The submission's value columns before they meet the sample submission: labels or values per
+        target column, or one probability column per class (multiclass scored on probabilities)."""
+        return self.classes if self.kind == "multiclass" and not self.writes_labels else list(self.target_cols)
+
+    def match_sample(self, sample_cols, where: str = "the sample submission") -> dict:
+        """{our column: the sample's column}, in the sample's order: the same names, or one column each."""
+        ours, theirs = self.value_columns(), list(sample_cols)
+        if set(ours) == set(theirs):
+            return {c: c for c in theirs}
+        if len(ours) == len(theirs) == 1:
+            return {ours[0]: theirs[0]}
+        raise UserError(f"{where} has the columns {', '.join(theirs)}, but this {self.kind} task scored by "
+                        f"{self.metric} writes {', '.join(ours)}: name the targets with --target-cols (or pick the "
+                        "metric with --metric).")
+
+    def submission(self, ids, pred: np.ndarray, id_header: str, columns: dict, threshold: float = 0.5):
+        """The submission table: id, then labels (as train writes them), probabilities or values."""
+        ours = self.value_columns()
+        if self.writes_labels:
+            labels = self.labels(pred, threshold)
+            values = np.asarray(self.classes, dtype=object)[labels][:, None] if self.classes else labels
+        else:
+            values = pred[:, 1:] if self.kind == "binary" else pred
+        frame = pd.DataFrame(values, columns=ours)
+        frame.insert(0, id_header, np.asarray(ids))
+        return frame[[id_header, *[c for c in columns]]].rename(columns=columns)
+
+    def check_values(self, column: str, values: pd.Series) -> str | None:
+        """Why the first wrong cell of a submission column (as text) is wrong, or None."""
+        if self.writes_labels and self.classes:
+            bad = ~values.isin(self.classes)
+            rule = " or ".join(self.classes) if len(self.classes) <= 10 else f"one of train's {len(self.classes)} classes"
+            rule = f"{column} must be written {rule}"
+        else:
+            numbers = pd.to_numeric(values, errors="coerce").astype(float)
+            bad, rule = ~np.isfinite(numbers), f"{column} must be a number"
+            if self.writes_labels:
+                bad, rule = bad | ~values.str.fullmatch(r"[+-]?\d+"), f"{column} must be a whole number (a label)"
+            elif self.kind != "regression":
+                bad, rule = bad | (numbers < 0) | (numbers > 1), f"{column} must be a probability in [0, 1]"
+        if not bad.any():
+            return None
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        return f"{rule}, found {values.iloc[i]!r} at row {i + 1}"
+
+
+def metric_value(name: str, task: Task, y: np.ndarray, pred: np.ndarray, threshold: float = 0.5) -> float:
+    """One metric of predictions `pred` (probabilities or values) against targets `y`. Over several
+    columns, auc, pearson and rmse-per-column (mcrmse) are the mean of the per-column values; a column
+    whose AUC is undefined (one class only in y) is left out of the mean."""
+    from scipy.stats import pearsonr
+    from sklearn import metrics as sk
+
+    y, pred = np.asarray(y), np.asarray(pred, dtype=np.float64)
+    if task.classes:
+        labels = task.labels(pred, threshold)
+        if name == "accuracy":
+            return float(sk.accuracy_score(y, labels))
+        if name == "f1":
+            return float(sk.f1_score(y, labels, average="binary" if task.kind == "binary" else "macro",
+                                     zero_division=0))
+        if name == "logloss":
+            return float(sk.log_loss(y, np.clip(pred, 1e-15, 1 - 1e-15), labels=list(range(len(task.classes)))))
+        if name == "qwk":
+            return float(sk.cohen_kappa_score(y, labels, weights="quadratic"))
+        if name == "auc":
+            if len(np.unique(y)) < 2:
+                return float("nan")
+            if task.kind == "binary":
+                return float(sk.roc_auc_score(y, pred[:, 1]))
+            return float(sk.roc_auc_score(y, pred, multi_class="ovr", labels=list(range(len(task.classes)))))
+    y = y.reshape(len(y), -1)
+    pred = pred.reshape(len(pred), -1)
+    if name == "auc":
+        per = [sk.roc_auc_score(y[:, j], pred[:, j]) for j in range(y.shape[1]) if len(np.unique(y[:, j])) == 2]
+        return float(np.mean(per)) if per else float("nan")
+    if name == "logloss":
+        return float(np.mean([sk.log_loss(y[:, j], np.clip(pred[:, j], 1e-15, 1 - 1e-15), labels=[0, 1])
+                              for j in range(y.shape[1])]))
+    if name in ("f1", "accuracy"):
+        labels = (pred > threshold).astype(int)
+        if name == "accuracy":
+            return float((labels == y).mean())
+        return float(sk.f1_score(y, labels, average="macro", zero_division=0))
+    if name == "rmse":
+        return float(np.sqrt(sk.mean_squared_error(y, pred)))
+    if name == "mcrmse":
+        return float(np.mean(np.sqrt(((y - pred) ** 2).mean(0))))
+    if name == "pearson":
+        with warnings.catch_warnings():  # a constant prediction has no correlation: counted as 0
+            warnings.simplefilter("ignore")
+            per = [pearsonr(y[:, j], pred[:, j])[0] for j in range(y.shape[1])]
+        return float(np.mean(np.nan_to_num(per)))
+    if name == "qwk":
+        labels = task.labels(pred, threshold)
+        return float(np.mean([sk.cohen_kappa_score(np.rint(y[:, j]).astype(int), labels[:, j], weights="quadratic")
+                              for j in range(y.shape[1])]))
+    raise ValueError(f"unknown metric {name}")
+
+
+def better(metric: str, value: float, than: float | None) -> bool:
+    """Whether value improves on `than` in the metric's own direction (nan never does)."""
+    if not math.isfinite(value):
+        return False
+    return than is None or not math.isfinite(than) or (value > than if METRICS[metric] else value < than)
+
+
+DISASTER_TWEETS = Task("binary", ["target"], "f1", ["0", "1"])  # check_submission's default
+
+
+# ---------------------------------------------------------------------------------------------
+# Competition files -> tables, texts and targets
+# ---------------------------------------------------------------------------------------------
+
+
+def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
+    """The competition's tables (DataFrames given from Python win over files), checked: columns, ids,
+    targets and the sample submission. Returns train, test, the sample submission (or None), the id
+    column, the task, the submission's columns and the test ids in submission order."""
+    where = {}
+    folder = None
+    for role, given, path in (("train", train, cfg.train), ("test", test, cfg.test)):
+        if given is None and not path:
+            folder = folder or find_data_dir(cfg.data_dir, role, cfg.competition)
+    tables = {}
+    for role, given, path in (("train", train, cfg.train), ("test", test, cfg.test),
+                              ("sample_submission", sample, cfg.sample_submission)):
+        if given is not None:
+            tables[role], where[role] = given.astype(str).reset_index(drop=True), f"the {role} DataFrame"
+            continue
+        file = Path(path).expanduser() if path else find_file(folder, role) if folder else None
+        if file is None:
+            tables[role] = None
+            continue
+        tables[role], where[role] = read_table(file), str(file)
+    train, test, sample = tables["train"], tables["test"], tables["sample_submission"]
+    id_col = cfg.id_col or (str(sample.columns[0]) if sample is not None else "id")
+    needed = cfg.text_cols + (["keyword"] if cfg.use_keyword else [])
+    for role, df, cols in (("train", train, needed + cfg.target_cols), ("test", test, [id_col] + needed)):
+        missing = [c for c in cols if c not in df.columns]
+        if missing:
+            raise UserError(f"{where[role]} lacks column(s) {', '.join(missing)}: its columns are "
+                            f"{', '.join(map(str, df.columns))}; name yours with --text-cols, --target-cols and "
+                            "--id-col.")
+    check_ids(test, id_col, where["test"])
+    if id_col in train.columns:
+        check_ids(train, id_col, where["train"])
+    task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, where["train"])
+    order = test[id_col]
+    if sample is not None:
+        if set(sample.iloc[:, 0]) != set(test[id_col]):
+            raise UserError(f"{where['sample_submission']} and {where['test']} list different ids: download both "
+                            "again with `make data` (or name the id column with --id-col).")
+        order = sample.iloc[:, 0]
+        columns = task.match_sample(sample.columns[1:], where["sample_submission"])
+    else:
+        columns = {c: c for c in task.value_columns()}
+    for role, df in (("train", train), ("test", test)):
+        n_empty = int(sum((df[c].str.strip() == "").sum() for c in cfg.text_cols))
+        if n_empty:
+            log.info(f"{role}: {n_empty} empty text(s)")
+    return {"train": train, "test": test, "sample": sample, "id_col": id_col, "task": task, "columns": columns,
+            "id_header": str(sample.columns[0]) if sample is not None else id_col, "order": order.to_numpy(),
+            "where": where, "dir": folder}
+
+
+def input_texts(df: pd.DataFrame, cfg: Config, sep_token: str | None):
+    """(first texts, second texts or None): one column alone; two as a sentence pair; three or more as the
+    first and the rest joined by the tokenizer's separator token. use_keyword prepends 'keyword: '."""
+    first = df[cfg.text_cols[0]]
+    if cfg.use_keyword:
+        kw = df["keyword"].str.replace("%20", " ")
+        first = pd.Series(np.where(kw != "", kw + ": " + first, first), index=df.index)
+    rest = cfg.text_cols[1:]
+    if not rest:
+        return first.tolist(), None
+    joiner = f" {sep_token} " if sep_token else " | "
+    second = df[rest].agg(joiner.join, axis=1) if len(rest) > 1 else df[rest[0]]
+    return first.tolist(), second.tolist()
+
+
+def _rows(size: float, n: int) -> int:
+    """A split size: a count, or below 1 a fraction of n rows."""
+    return int(round(size * n)) if size < 1 else int(size)
+
+
+def holdout_split(n: int, seed: int, holdout_size: float = 1500, valid_size: float = 1500, groups=None):
     """The article's protocol: shuffle the rows with the seed (pandas' `sample(frac=1, random_state=seed)`);
-    rows 0..holdout_size-1 are the holdout, the next valid_size rows validation, the rest training."""
-    if holdout_size + valid_size >= n:
-        raise UserError(f"train.csv has {n} rows: --holdout-size {holdout_size} + --valid-size {valid_size} leave "
-                        "none to train on; lower them, or use --split kfold.")
-    order = pd.RangeIndex(n).to_series().sample(frac=1, random_state=seed).to_numpy()
-    holdout, valid, train = np.split(order, [holdout_size, holdout_size + valid_size])
+    rows 0..holdout_size-1 are the holdout, the next valid_size rows validation, the rest training.
+    With groups, whole groups are shuffled and dealt out in turn, so that no group is on two sides."""
+    n_hold, n_valid = _rows(holdout_size, n), _rows(valid_size, n)
+    if n_hold < 1 or n_valid < 1 or n_hold + n_valid >= n:
+        raise UserError(f"train has {n} rows: --holdout-size {holdout_size} + --valid-size {valid_size} leave none "
+                        "to train on (or none to evaluate); lower them (0.2 is a fifth), or use --split kfold.")
+    if groups is None:
+        order = pd.RangeIndex(n).to_series().sample(frac=1, random_state=seed).to_numpy()
+        holdout, valid, train = np.split(order, [n_hold, n_hold + n_valid])
+        return train, valid, holdout
+    codes, uniques = pd.factorize(pd.Series(groups))
+    shuffled = pd.RangeIndex(len(uniques)).to_series().sample(frac=1, random_state=seed).to_numpy()
+    rank = np.empty(len(uniques), dtype=int)
+    rank[shuffled] = np.arange(len(uniques))
+    order = np.argsort(rank[codes], kind="stable")  # rows group after group, groups in shuffled order
+    ends = np.cumsum(np.bincount(rank[codes], minlength=len(uniques)))  # rows up to each group's end
+    cut_h = ends[np.searchsorted(ends, n_hold)]
+    cut_v = ends[np.searchsorted(ends, cut_h + n_valid)] if cut_h < n else n
+    if cut_v >= n:
+        raise UserError(f"--group-col: the groups are too large for a holdout of {n_hold} and validation of "
+                        f"{n_valid} rows out of {n}: lower the sizes, or use --split kfold.")
+    holdout, valid, train = np.split(order, [cut_h, cut_v])
     return train, valid, holdout
 
 
-def kfold_splits(targets: np.ndarray, n_folds: int, seed: int):
-    from sklearn.model_selection import StratifiedKFold
+def strata(task: Task, y: np.ndarray) -> np.ndarray:
+    """What k-fold stratifies on: the class; for regression the target's decile (of the first target);
+    for multilabel the rarest label a row has (so that rare labels reach every fold)."""
+    if task.classes:
+        return y
+    if task.kind == "multilabel":
+        rarity = np.argsort(np.argsort(y.sum(0)))  # 0 = the rarest label
+        return np.where(y.any(1), np.where(y > 0, rarity, len(rarity)).min(1), -1)
+    ranks = pd.Series(y[:, 0]).rank(method="first").to_numpy()
+    return np.minimum((10 * (ranks - 1) / len(ranks)).astype(int), 9)
 
+
+def kfold_splits(key: np.ndarray, n_folds: int, seed: int, groups=None):
+    """Stratified folds on key; with groups, stratified group folds (no group in two folds)."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if groups is not None:
+        if pd.Series(groups).nunique() < n_folds:
+            raise UserError(f"--group-col has {pd.Series(groups).nunique()} groups, fewer than the {n_folds} folds: "
+                            "lower --n-folds.")
+        skf = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        return list(skf.split(np.zeros(len(key)), key, groups))
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    return list(skf.split(np.zeros(len(targets)), targets))
+    with warnings.catch_warnings():  # a stratum with fewer rows than folds: sklearn warns, the folds stay valid
+        warnings.simplefilter("ignore", UserWarning)
+        return list(skf.split(np.zeros(len(key)), key))
 
 
 def model_max_len(tokenizer, model_config) -> int:
@@ -368,14 +800,23 @@ def model_max_len(tokenizer, model_config) -> int:
     return min(limits) if limits else 512
 
 
-def tokenize(tokenizer, texts, max_len: int) -> list[list[int]]:
-    """Token ids of every text, once, unpadded; texts over max_len are truncated by the tokenizer
-    (so the special tokens stay)."""
-    ids = tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]
+def tokenize(tokenizer, texts, max_len: int, pairs=None) -> list[list[int]]:
+    """Token ids of every text (or text pair), once, unpadded; inputs over max_len are truncated by the
+    tokenizer (so the special tokens stay; a pair loses from its longer side)."""
+    texts = list(texts)
+    args = (texts, list(pairs)) if pairs is not None else (texts,)
+    ids = tokenizer(*args, truncation=False, verbose=False)["input_ids"]
     long = [i for i, x in enumerate(ids) if len(x) > max_len]
     if long:
-        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_len)["input_ids"]
+        cut_args = [[a[i] for i in long] for a in args]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cut = tokenizer(*cut_args, truncation="longest_first" if pairs is not None else True,
+                            max_length=max_len, verbose=False)["input_ids"]
         for i, x in zip(long, cut):
+            if len(x) > max_len:
+                raise UserError(f"max_len {max_len} leaves no room for text beside the special tokens: raise "
+                                "--max-len (or 0 for the longest training text).")
             ids[i] = x
     return ids
 
@@ -415,19 +856,19 @@ class LengthGroupedBatches(torch.utils.data.Sampler):
 
 
 class Collator:
-    """Pads a list of (ids, label) to the longest item of the batch (or to pad_to)."""
+    """Pads a list of (ids, label) to the longest item of the batch (or to pad_to, when it is longer)."""
 
     def __init__(self, pad_id: int, pad_to: int | None = None):
         self.pad_id, self.pad_to = pad_id, pad_to
 
     def __call__(self, items):
-        width = self.pad_to or max(len(ids) for ids, _ in items)
+        width = max([len(ids) for ids, _ in items] + [self.pad_to or 0])
         input_ids = torch.full((len(items), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
         for row, (ids, _) in enumerate(items):
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
-        labels = torch.tensor([label for _, label in items], dtype=torch.long)
+        labels = torch.as_tensor(np.asarray([label for _, label in items]))  # class indices, or float targets
         return {"input_ids": input_ids, "attention_mask": mask}, labels
 
 
@@ -582,17 +1023,30 @@ class FGM:
     def __init__(self, model, eps: float = 0.2, scope: str = "example", relative: bool = True):
         if scope not in ("example", "vocab"):
             raise ValueError(f"FGM scope must be 'example' or 'vocab', got {scope!r}")
-        inner = getattr(model, "module", model)
-        if not callable(getattr(inner, "get_input_embeddings", None)):
-            raise ValueError(f"FGM perturbs the output of model.get_input_embeddings(), which "
-                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
-        self.embedding = inner.get_input_embeddings()
+        self.owner = self._embedding_owner(model, "FGM")
+        self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
             self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.scope = eps, scope
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._ids = None
+
+    @staticmethod
+    def _embedding_owner(model, who):
+        """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
+        that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
+        inner = getattr(model, "module", model)
+        if callable(getattr(inner, "get_input_embeddings", None)):
+            return inner
+        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
+        outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
+        if len(outer) != 1:
+            raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
+                             f"nor {'any' if not outer else 'exactly one'} of its submodules defines it "
+                             f"({len(outer)} do); add get_input_embeddings() to the model, returning the token "
+                             "embedding to perturb")
+        return outer[0]
 
     def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
@@ -661,17 +1115,42 @@ class PGD:
     """
 
     def __init__(self, model, eps: float = 0.2, alpha: float = 0.06, steps: int = 3, relative: bool = True):
-        inner = getattr(model, "module", model)
-        if not callable(getattr(inner, "get_input_embeddings", None)):
-            raise ValueError(f"PGD perturbs the output of model.get_input_embeddings(), which "
-                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
-        self.embedding = inner.get_input_embeddings()
+        self.owner = self._embedding_owner(model, "PGD")
+        self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
             self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = None
+
+    @staticmethod
+    def _embedding_owner(model, who):
+        """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
+        that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
+        inner = getattr(model, "module", model)
+        if callable(getattr(inner, "get_input_embeddings", None)):
+            return inner
+        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
+        outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
+        if len(outer) != 1:
+            raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
+                             f"nor {'any' if not outer else 'exactly one'} of its submodules defines it "
+                             f"({len(outer)} do); add get_input_embeddings() to the model, returning the token "
+                             "embedding to perturb")
+        return outer[0]
+
+    @staticmethod
+    def _refuse_reentrant_checkpointing(model, who):
+        """torch.autograd.grad cannot run through reentrant gradient checkpointing (transformers 4.x's
+        default): stop before any gradient is touched, saying how to switch it."""
+        for m in getattr(model, "module", model).modules():
+            func = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(m, "gradient_checkpointing", False) is True and \
+                    getattr(func, "keywords", {}).get("use_reentrant", True):
+                raise RuntimeError(f"{who} needs non-reentrant gradient checkpointing: enable it with model."
+                                   "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                                   "False}), or turn checkpointing off")
 
     def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
@@ -694,6 +1173,8 @@ class PGD:
         return output + self._delta.to(output.dtype)
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        if self.steps > 1:
+            self._refuse_reentrant_checkpointing(self.owner, "PGD")
         eps, alpha = self.eps * self.scale, self.alpha * self.scale
         handle = self.embedding.register_forward_hook(self._hook)
         try:
@@ -741,21 +1222,38 @@ class FreeLB:
 
     def __init__(self, model, steps: int = 3, lr: float = 0.1, init_mag: float = 0.1, max_norm: float = 0.0,
                  pad_token_id: int | None = None, relative: bool = True):
-        inner = getattr(model, "module", model)
-        if not callable(getattr(inner, "get_input_embeddings", None)):
-            raise ValueError(f"FreeLB perturbs the output of model.get_input_embeddings(), which "
-                             f"{type(inner).__name__} does not define: add that method returning its token embedding")
-        self.embedding = inner.get_input_embeddings()
+        self.owner = self._embedding_owner(model, "FreeLB")
+        self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
             self.scale = self.embedding.weight.float().norm(dim=-1).mean().item() if relative else 1.0
         self._ddp = model if hasattr(model, "no_sync") else None
-        if pad_token_id is None:
-            config = getattr(inner, "config", None) or getattr(getattr(inner, "backbone", None), "config", None)
-            pad_token_id = getattr(config, "pad_token_id", None)
+        if pad_token_id is None:  # the backbone's config, wherever it sits in the model
+            configs = [getattr(m, "config", None) for m in self.owner.modules()]
+            pad_token_id = next((c.pad_token_id for c in configs if getattr(c, "pad_token_id", None) is not None),
+                                None)
+            if pad_token_id is None:
+                raise ValueError("FreeLB found no config with a pad_token_id in the model, and would perturb the "
+                                 "padding too: pass pad_token_id= (tokenizer.pad_token_id)")
         self.pad_token_id = pad_token_id
         self.steps, self.lr, self.init_mag, self.max_norm = steps, lr, init_mag, max_norm
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._mask = None
+
+    @staticmethod
+    def _embedding_owner(model, who):
+        """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
+        that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
+        inner = getattr(model, "module", model)
+        if callable(getattr(inner, "get_input_embeddings", None)):
+            return inner
+        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
+        outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
+        if len(outer) != 1:
+            raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
+                             f"nor {'any' if not outer else 'exactly one'} of its submodules defines it "
+                             f"({len(outer)} do); add get_input_embeddings() to the model, returning the token "
+                             "embedding to perturb")
+        return outer[0]
 
     def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
@@ -905,21 +1403,32 @@ class SiFT:
     A parameter-free LayerNorm (eps 1e-7) is put in front of the embeddings' LayerNorm for the
     duration of the call, so the perturbation lives on normalised embeddings whatever their scale.
     After the clean forward, delta ~ N(0, init^2) clamped to +-2*init takes one ascent step,
-    delta += lr * g / (1e-6 + max|g|) per token, where g is the gradient w.r.t. delta alone of
-    sum over rows of CE(p_clean, q_perturbed) with the clean predictions fixed (the step is the
-    same at any batch size, accumulation or fp16 loss scale). The perturbed forward then adds
-    alpha * symmetric KL(perturbed, clean), row mean, to the task loss, and one backward runs
-    through both passes: as in DeBERTa, one direction of the KL flows into the perturbed
-    predictions, the other into the clean ones. `last_kl` holds the symmetric KL itself (no
-    entropy terms). Defaults are DeBERTa's: init 1e-2, lr 1e-4, alpha (its vat_lambda) 3 for
-    deberta-v3-xsmall, 5 for larger. Needs a head with at least two logits.
+    delta += lr * g / (1e-6 + max|g|) per token, where g is the gradient w.r.t. delta alone of the
+    divergence summed over rows with the clean predictions fixed (the step is the same at any batch
+    size, accumulation or fp16 loss scale). The perturbed forward then adds alpha * divergence(perturbed,
+    clean), row mean, to the task loss, and one backward runs through both passes: as in DeBERTa, one
+    direction of the KL flows into the perturbed predictions, the other into the clean ones.
+    divergence (DeBERTa's options): "symmetric-kl" (classification), "kl" (KL(clean || perturbed),
+    into the perturbed side only), "mse" (regression heads: squared difference summed over outputs),
+    "binary-symmetric-kl" (one logit per label trained with BCE: multilabel, or per-token logits).
+    Rows are every position but the last dimension, so (batch, length, classes) logits are compared
+    per token; (batch, length) logits are one per token and only the elementwise divergences apply.
+    logits_fn(output) picks the logits from what the model returns (default: the output itself, its
+    .logits, or output["logits"]; a tuple needs logits_fn=lambda out: out[1]). `last_kl` holds the
+    divergence itself (no entropy terms). Defaults are DeBERTa's: init 1e-2, lr 1e-4, alpha (its
+    vat_lambda) 3 for deberta-v3-xsmall, 5 for larger.
 
-        attack = SiFT(model, alpha=3.0)
+        attack = SiFT(model, alpha=3.0)               # SiFT(model, divergence="mse") for regression
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
         optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, model, alpha: float = 3.0, init: float = 1e-2, lr: float = 1e-4, module=None):
+    DIVERGENCES = ("symmetric-kl", "kl", "mse", "binary-symmetric-kl")
+
+    def __init__(self, model, alpha: float = 3.0, init: float = 1e-2, lr: float = 1e-4, module=None,
+                 divergence: str = "symmetric-kl", logits_fn=None):
+        if divergence not in self.DIVERGENCES:
+            raise ValueError(f"SiFT divergence must be one of {', '.join(self.DIVERGENCES)}, got {divergence!r}")
         inner = getattr(model, "module", model)
         if module is None or module == "":
             found = [m for n, m in inner.named_modules() if n.endswith("embeddings.LayerNorm")]
@@ -933,7 +1442,8 @@ class SiFT:
             if module not in named:
                 raise ValueError(f"SiFT: no module named {module!r} in {type(inner).__name__}")
             module = named[module]
-        self.module, self.alpha, self.init, self.lr = module, alpha, init, lr
+        self.model, self.module, self.alpha, self.init, self.lr = inner, module, alpha, init, lr
+        self.divergence, self.logits_fn = divergence, logits_fn
         self._ddp = model if hasattr(model, "no_sync") else None
         self.skipped = torch.zeros((), dtype=torch.long)
         self.last_kl = torch.zeros(())
@@ -950,6 +1460,18 @@ class SiFT:
         return scaler.scale(loss) if scaler is not None else loss
 
     @staticmethod
+    def _refuse_reentrant_checkpointing(model, who):
+        """torch.autograd.grad cannot run through reentrant gradient checkpointing (transformers 4.x's
+        default): stop before any gradient is touched, saying how to switch it."""
+        for m in getattr(model, "module", model).modules():
+            func = getattr(m, "_gradient_checkpointing_func", None)
+            if getattr(m, "gradient_checkpointing", False) is True and \
+                    getattr(func, "keywords", {}).get("use_reentrant", True):
+                raise RuntimeError(f"{who} needs non-reentrant gradient checkpointing: enable it with model."
+                                   "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
+                                   "False}), or turn checkpointing off")
+
+    @staticmethod
     def symmetric_kl(logits, target):
         """KL(p||q) + KL(q||p) per row (p: softmax of target, q: of logits), with DeBERTa's gradient:
         the probability factors are constants, so one direction flows through log q, the other through
@@ -959,6 +1481,41 @@ class SiFT:
         p, q = lp.exp().detach(), lq.exp().detach()
         return (p * (lp.detach() - lq)).sum(-1) + (q * (lq.detach() - lp)).sum(-1)
 
+    def divergence_of(self, logits, target):
+        """The chosen divergence per row (every position but the last dimension)."""
+        if self.divergence == "symmetric-kl":
+            return self.symmetric_kl(logits, target)
+        if self.divergence == "kl":
+            lq = F.log_softmax(logits.float().reshape(-1, logits.shape[-1]), -1)
+            lp = F.log_softmax(target.float().reshape(-1, target.shape[-1]), -1).detach()
+            return (lp.exp() * (lp - lq)).sum(-1)
+        if self.divergence == "mse":
+            return (logits.float() - target.float()).pow(2).reshape(-1, logits.shape[-1]).sum(-1)
+        two = [torch.stack([torch.zeros_like(x.float()), x.float()], -1) for x in (logits, target)]
+        return self.symmetric_kl(*two).reshape(-1, logits.shape[-1]).sum(-1)  # binary-symmetric-kl, per label
+
+    def _logits(self, out, width):
+        """The logits in what the model returned, checked against the divergence (width: sequence length)."""
+        if self.logits_fn is not None:
+            logits = self.logits_fn(out)
+        elif isinstance(out, dict):
+            logits = out.get("logits")
+        else:
+            logits = getattr(out, "logits", out)
+        if not torch.is_tensor(logits):
+            raise TypeError(f"SiFT cannot find the logits in the model's output ({type(out).__name__}): pass "
+                            "logits_fn=, e.g. SiFT(model, logits_fn=lambda out: out[1]) for (loss, logits)")
+        elementwise = self.divergence in ("mse", "binary-symmetric-kl")
+        if logits.dim() == 2 and logits.shape[1] == width > 2 and not elementwise:
+            raise ValueError(f"SiFT: logits of shape {tuple(logits.shape)} hold one logit per token, and "
+                             f"{self.divergence} would compare a softmax across positions: pass "
+                             "divergence='binary-symmetric-kl' (BCE per token) or 'mse'")
+        if logits.shape[-1] < 2 and not elementwise:
+            raise ValueError(f"SiFT with divergence={self.divergence!r} needs at least 2 logits per row (the "
+                             "divergence of a single softmax logit is always 0): pass divergence='mse' for a "
+                             "regression head, or 'binary-symmetric-kl' for a BCE head")
+        return logits
+
     def _hook(self, module, args):
         x = args[0]
         if self._delta is None:  # clean pass: normalise and remember
@@ -967,24 +1524,22 @@ class SiFT:
         return ((self._clean.detach() + self._delta).to(x.dtype),) + args[1:]
 
     def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        self._refuse_reentrant_checkpointing(self.model, "SiFT")
         handle = self.module.register_forward_pre_hook(self._hook)
         try:
             with self._no_sync():
                 out = forward()
-            logits = getattr(out, "logits", out)
-            if logits.shape[-1] < 2:
-                raise ValueError("SiFT needs a head with at least 2 logits: the symmetric KL of a single "
-                                 "logit is always 0 (use FGM or AWP for regression)")
             if self._clean is None:
                 raise RuntimeError("SiFT: the forward pass never reached the module it perturbs in front of "
                                    f"({type(self.module).__name__}): pass module= the LayerNorm after the embeddings")
+            logits = self._logits(out, self._clean.shape[1] if self._clean.dim() > 2 else -1)
             loss = loss_fn(out)
             noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
             delta = noise.clamp(-2 * self.init, 2 * self.init)
             self._delta = delta.requires_grad_()
             with self._no_sync():
                 adv = forward()
-                ascent = self.symmetric_kl(getattr(adv, "logits", adv), logits.detach()).sum()
+                ascent = self.divergence_of(self._logits(adv, -1), logits.detach()).sum()
                 unit = scaler.scale(ascent.new_ones(())) if scaler is not None else 1.0  # no fp16 underflow,
                 grad, = torch.autograd.grad(ascent * unit, self._delta)  # then undone; a tensor: no host sync
             grad = grad / unit
@@ -993,7 +1548,7 @@ class SiFT:
             moved = delta.detach() + self.lr * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
             self._delta = torch.where(ok, moved, torch.zeros_like(moved))
             out = forward()
-            kl = self.symmetric_kl(getattr(out, "logits", out), logits).mean()
+            kl = self.divergence_of(self._logits(out, -1), logits).mean()
             self.last_kl = kl.detach()
             self._scaled(loss + self.alpha * kl, scaler, accumulation_steps).backward()
         finally:
@@ -1002,8 +1557,8 @@ class SiFT:
         return loss.detach()
 
 
-def make_attack(cfg: Config, model):
-    """The attack object the Config asks for (Baseline for method=baseline)."""
+def make_attack(cfg: Config, model, task: Task | None = None):
+    """The attack object the Config asks for (Baseline for method=baseline); SiFT's divergence follows the task."""
     try:
         return {
             "baseline": lambda: Baseline(model),
@@ -1013,7 +1568,8 @@ def make_attack(cfg: Config, model):
                                      max_norm=cfg.freelb_max_norm),
             "awp": lambda: AWP(model, adv_lr=cfg.awp_lr, adv_eps=cfg.awp_eps, param_filter=cfg.awp_params),
             "sift": lambda: SiFT(model, alpha=cfg.sift_lambda, init=cfg.sift_init, lr=cfg.sift_lr,
-                                 module=cfg.sift_module or None),
+                                 module=cfg.sift_module or None,
+                                 divergence=task.divergence if task is not None else "symmetric-kl"),
         }[cfg.method]()
     except ValueError as e:
         raise UserError(f"--method {cfg.method}: {e}.") from None
@@ -1041,13 +1597,6 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return True
-
-
-def seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1118,10 +1667,12 @@ class AttackGate:
     NaNs and AWP's early collapse come from, and an attack that starts late is never selected
     because the unattacked checkpoints before it score as well), "auto" (from the first evaluation
     that does not improve on the best so far: the attack as a push once plain training stalls), or
-    an epoch (fractional). adv_threshold > 0 also waits until the best validation metric reaches it."""
+    an epoch (fractional). adv_threshold > 0 also waits until the best validation metric reaches it
+    (in the metric's own direction: at or below it for rmse, logloss and mcrmse)."""
 
-    def __init__(self, cfg: Config, steps_per_epoch: int, warmup_steps: int):
+    def __init__(self, cfg: Config, steps_per_epoch: int, warmup_steps: int, metric: str = "f1"):
         self.enabled, self.threshold, self.auto = cfg.method != "baseline", cfg.adv_threshold, cfg.adv_start == "auto"
+        self.metric = metric
         if self.auto:
             self.start = None
         elif cfg.adv_start == "warmup":
@@ -1132,37 +1683,31 @@ class AttackGate:
 
     def observe(self, metric: float, step: int):
         """Record an evaluation made after `step` optimizer steps."""
-        if self.auto and self.start is None and self.best is not None and metric <= self.best:
+        improved = better(self.metric, metric, self.best)
+        if self.auto and self.start is None and self.best is not None and not improved:
             self.start = step
-        self.best = metric if self.best is None else max(self.best, metric)
+        if improved:
+            self.best = metric
 
     def on(self, step: int) -> bool:
         """Whether optimizer step `step` (counted from 0) runs the attack."""
         if not self.enabled or self.start is None or step < self.start:
             return False
-        return self.threshold <= 0 or (self.best is not None and self.best >= self.threshold)
+        return self.threshold <= 0 or (self.best is not None and not better(self.metric, self.threshold, self.best))
 
 
 def evaluation_steps(eval_every: float, steps_per_epoch: int, epochs: int) -> list[int]:
     """The optimizer steps (counted from 1) after which to evaluate: every eval_every of an epoch
-    (eval_every <= 1) or every eval_every steps (> 1), and always at the end of each epoch."""
+    (eval_every <= 1; at most once per step) or every eval_every steps (> 1), and always at the end of
+    each epoch."""
     total = steps_per_epoch * epochs
     if eval_every > 1:
         points = set(range(int(eval_every), total + 1, int(eval_every)))
     else:
-        within = [max(1, round(k * eval_every * steps_per_epoch)) for k in range(1, math.ceil(1 / eval_every - 1e-9))]
+        count = min(math.ceil(1 / eval_every - 1e-9), steps_per_epoch)  # evaluations an epoch, at most one a step
+        within = {max(1, round(k * eval_every * steps_per_epoch)) for k in range(1, count)}
         points = {e * steps_per_epoch + s for e in range(epochs) for s in within if s < steps_per_epoch}
     return sorted(points | {e * steps_per_epoch for e in range(1, epochs + 1)})
-
-
-def binary_metrics(y_true, y_pred) -> dict:
-    """Accuracy and F1 of the positive class (the competition's metric)."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    tp = int(((y_pred == 1) & (y_true == 1)).sum())
-    fp = int(((y_pred == 1) & (y_true == 0)).sum())
-    fn = int(((y_pred == 0) & (y_true == 1)).sum())
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
-    return {"accuracy": float((y_true == y_pred).mean()), "f1": float(f1)}
 
 
 def best_threshold(y_true, prob) -> float:
@@ -1186,25 +1731,28 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device.type, dtype=amp_dtype)
 
 
-def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumulation_steps: int = 1):
-    """Forward and backward of one micro-batch through the attack (Baseline: no attack); returns the loss."""
+def micro_step(attack, model, batch, labels, device, amp_dtype, scaler, accumulation_steps: int = 1,
+               loss_fn=None):
+    """Forward and backward of one micro-batch through the attack (Baseline: no attack); returns the loss.
+    loss_fn(logits, labels) defaults to cross-entropy (Task.loss for the task's own)."""
     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     labels = labels.to(device, non_blocking=True)
+    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y))
 
     def forward():
         with _autocast(device, amp_dtype):
             return model(**batch)
 
-    return attack.backward(forward, lambda logits: F.cross_entropy(logits.float(), labels), scaler,
-                           accumulation_steps)
+    return attack.backward(forward, lambda logits: loss_fn(logits, labels), scaler, accumulation_steps)
 
 
 @torch.inference_mode()
-def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None) -> np.ndarray:
-    """Class probabilities for every text, in input order: batches sorted by length, one copy to the host.
-    Under data-parallel training each rank predicts every world_size-th text and all ranks receive
-    the gathered whole, each text exactly once."""
+def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=None, activate=None) -> np.ndarray:
+    """Probabilities (or, with Task.activate, the task's outputs) for every text, in input order: batches
+    sorted by length, one copy to the host. Under data-parallel training each rank predicts every
+    world_size-th text and all ranks receive the gathered whole, each text exactly once."""
     model.eval()
+    activate = activate or (lambda logits: torch.softmax(logits.float(), -1))
     shard = np.arange(len(ids))[rank()::world_size()]
     order = shard[np.argsort([len(ids[i]) for i in shard], kind="stable")]
     collate = Collator(pad_id)
@@ -1214,7 +1762,7 @@ def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=No
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with _autocast(device, amp_dtype):
             logits = model(**batch)
-        chunks.append(torch.softmax(getattr(logits, "logits", logits).float(), -1))
+        chunks.append(activate(getattr(logits, "logits", logits)))
     local = torch.cat(chunks).cpu().numpy() if chunks else np.zeros((0, 2), dtype=np.float32)
     parts = [(order, local)]
     if world_size() > 1:
@@ -1227,7 +1775,8 @@ def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=No
 
 
 class Selection:
-    """Every evaluation of one fold, and the best one's weights (on the CPU) and validation probabilities."""
+    """Every evaluation of one fold, and the best one's weights (on the CPU) and validation predictions.
+    The best is picked by `metric` in its own direction (lower is better for rmse, logloss, mcrmse)."""
 
     def __init__(self, metric: str):
         self.metric, self.history, self.best, self.state, self.probs = metric, [], None, None, None
@@ -1235,7 +1784,7 @@ class Selection:
     def record(self, row: dict, metrics: dict, probs: np.ndarray, model: nn.Module) -> bool:
         """Add an evaluation; keep its weights if it is the best so far. Returns whether it is."""
         self.history.append(row)
-        improved = self.best is None or metrics[self.metric] > self.best[self.metric]
+        improved = self.best is None or better(self.metric, metrics[self.metric], self.best[self.metric])
         if improved:
             self.best = {"epoch": row["epoch"], "step": row["step"], "attack_seen": row["attack_seen"], **metrics}
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
@@ -1243,131 +1792,174 @@ class Selection:
         return improved
 
 
-def train_fold(cfg: Config, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int, name="",
-               resume: dict | None = None, checkpoint=None):
-    """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
-    evaluation's weights (on the CPU).
+class FoldTraining:
+    """The training of one model, as named steps: built from the Config (loader, optimizer, schedule,
+    scaler, attack, gate, evaluation points), run epoch by epoch, evaluated at the points, and saved
+    or restored whole between epochs (`state`, `restore`) for --resume."""
 
-    train_data and valid_data are (token ids, labels). Returns a dict with one row per evaluation,
-    the best one, its state_dict and validation probabilities, the attack's start, scale and skip
-    count, and the training and evaluation times. After every epoch checkpoint(state) receives all it
-    takes to continue from there (resume=state), with the same result as a run never interrupted."""
-    loader = make_loader(*train_data, batch_size=cfg.batch_size, shuffle=True,
-                         collator=Collator(pad_id, cfg.max_len if cfg.pad_to_max else None), seed=cfg.seed,
-                         group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
-                         pin=device.type == "cuda", rank=rank(), world_size=world_size())
-    micro_batches = len(loader)
-    steps_per_epoch = math.ceil(micro_batches / cfg.grad_accum)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(cfg.warmup * total_steps)
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg.scheduler, warmup_steps, total_steps)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    wrapped = model
-    if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
-        wrapped = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    attack, plain = make_attack(cfg, wrapped), Baseline(wrapped)
-    forward_model = compile_blocks(wrapped, cfg.compile)
-    gate = AttackGate(cfg, steps_per_epoch, warmup_steps)
-    evals = set(evaluation_steps(cfg.eval_every, steps_per_epoch, cfg.epochs))
-    log.info(f"{name}{len(train_data[0])} training texts | {steps_per_epoch} optimizer steps per epoch, {total_steps} "
-             f"in all, {warmup_steps} of warm-up | total batch {cfg.batch_size * cfg.grad_accum} = batch "
-             f"{cfg.batch_size} x {cfg.grad_accum} accumulation, {world_size()} process(es) sharing each batch | "
-             f"{len(evals)} evaluations on {len(valid_data[0])} validation texts")
-    if getattr(attack, "scale", 1.0) != 1.0:
-        log.info(f"{name}{cfg.method}: sizes are relative to the mean token-embedding norm {attack.scale:.4f}"
-                 + (f" (fgm_eps {cfg.fgm_eps} -> {cfg.fgm_eps * attack.scale:.4f})" if cfg.method == "fgm" else ""))
-    selection, adv_started, adv_steps = Selection(cfg.select_metric), None, 0
-    train_seconds = eval_seconds = 0.0
-    window_loss, window_batches = torch.zeros((), device=device), 0
-    first_epoch = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume["scaler"] is not None:
-            scaler.load_state_dict(resume["scaler"])
-        gate.start, gate.best = resume["gate"]
-        selection.__dict__.update(resume["selection"])
-        adv_started, adv_steps, first_epoch = resume["adv_started"], resume["adv_steps"], resume["epoch"]
-        train_seconds, eval_seconds = resume["train_seconds"], resume["eval_seconds"]
-        attack.skipped = torch.tensor(resume["skipped"])
-        set_rng_state(resume["rng"])
-        log.info(f"{name}resumed after epoch {first_epoch} of {cfg.epochs}")
+    def __init__(self, cfg: Config, task: Task, model: nn.Module, train_data, valid_data, device, amp_dtype,
+                 pad_id: int, name: str = ""):
+        self.cfg, self.task, self.model, self.valid_data = cfg, task, model, valid_data
+        self.device, self.amp_dtype, self.pad_id, self.name = device, amp_dtype, pad_id, name
+        self.loader = make_loader(*train_data, batch_size=cfg.batch_size, shuffle=True,
+                                  collator=Collator(pad_id, cfg.max_len if cfg.pad_to_max else None), seed=cfg.seed,
+                                  group_by_length=cfg.group_by_length, num_workers=cfg.num_workers,
+                                  pin=device.type == "cuda", rank=rank(), world_size=world_size())
+        self.micro_batches = len(self.loader)
+        self.steps_per_epoch = math.ceil(self.micro_batches / cfg.grad_accum)
+        total_steps = self.steps_per_epoch * cfg.epochs
+        warmup_steps = int(cfg.warmup * total_steps)
+        self.optimizer = build_optimizer(model, cfg, device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, warmup_steps, total_steps)
+        self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.wrapped = model
+        if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.attack, self.plain = make_attack(cfg, self.wrapped, task), Baseline(self.wrapped)
+        self.forward_model = compile_blocks(self.wrapped, cfg.compile)
+        self.select_metric = cfg.select_metric or task.metric
+        self.gate = AttackGate(cfg, self.steps_per_epoch, warmup_steps, self.select_metric)
+        self.evals = set(evaluation_steps(cfg.eval_every, self.steps_per_epoch, cfg.epochs))
+        self.selection = Selection(self.select_metric)
+        self.adv_started, self.adv_steps, self.first_epoch = None, 0, 0
+        self.train_seconds = self.eval_seconds = 0.0
+        log.info(f"{name}{len(train_data[0])} training texts | {self.steps_per_epoch} optimizer steps per epoch, "
+                 f"{total_steps} in all, {warmup_steps} of warm-up | total batch {cfg.batch_size * cfg.grad_accum} = "
+                 f"batch {cfg.batch_size} x {cfg.grad_accum} accumulation, {world_size()} process(es) sharing each "
+                 f"batch | {len(self.evals)} evaluations on {len(valid_data[0])} validation texts")
+        if getattr(self.attack, "scale", 1.0) != 1.0:
+            log.info(f"{name}{cfg.method}: sizes are relative to the mean token-embedding norm "
+                     f"{self.attack.scale:.4f}" + (f" (fgm_eps {cfg.fgm_eps} -> {cfg.fgm_eps * self.attack.scale:.4f})"
+                                                   if cfg.method == "fgm" else ""))
 
-    for epoch in range(first_epoch, cfg.epochs):
-        loader.batch_sampler.set_epoch(epoch)
+    def state(self, epoch: int) -> dict:
+        """Everything it takes to continue after `epoch` with the result of an uninterrupted run."""
+        return {"epoch": epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
+                "gate": (self.gate.start, self.gate.best), "selection": dict(vars(self.selection)),
+                "adv_started": self.adv_started, "adv_steps": self.adv_steps,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "skipped": int(self.attack.skipped), "rng": rng_state()}
+
+    def restore(self, saved: dict):
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        if self.scaler is not None and saved["scaler"] is not None:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.gate.start, self.gate.best = saved["gate"]
+        self.selection.__dict__.update(saved["selection"])
+        self.adv_started, self.adv_steps, self.first_epoch = saved["adv_started"], saved["adv_steps"], saved["epoch"]
+        self.train_seconds, self.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
+        self.attack.skipped = torch.tensor(saved["skipped"])
+        set_rng_state(saved["rng"])
+        log.info(f"{self.name}resumed after epoch {self.first_epoch} of {self.cfg.epochs}")
+
+    def _attack_for(self, step: int):
+        """The attack object for optimizer step `step` (the plain one while the gate is closed)."""
+        active = self.gate.on(step)
+        self.adv_steps += active
+        if active and self.adv_started is None:
+            self.adv_started = {"epoch": round(step / self.steps_per_epoch, 4), "step": step}
+            log.info(f"{self.name}adversarial training ({self.cfg.method}) on from epoch "
+                     f"{self.adv_started['epoch']:.2f} (optimizer step {step})")
+        return self.attack if active else self.plain
+
+    def run_epoch(self, epoch: int):
+        """One pass over the training data: micro-batches through the attack, an optimizer step per
+        accumulation group, an evaluation at each of the evaluation points."""
+        cfg, model = self.cfg, self.model
+        self.loader.batch_sampler.set_epoch(epoch)
         model.train()
-        tick = time.perf_counter()
-        bar = tqdm(loader, desc=f"{name}epoch {epoch + 1}/{cfg.epochs}", leave=False,
+        self.tick = time.perf_counter()
+        self.window_loss, self.window_batches = torch.zeros((), device=self.device), 0
+        bar = tqdm(self.loader, desc=f"{self.name}epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=not cfg.progress or rank() > 0, dynamic_ncols=True)
         for i, (batch, labels) in enumerate(bar):
             if i % cfg.grad_accum == 0:
-                step = epoch * steps_per_epoch + i // cfg.grad_accum
-                group = min(cfg.grad_accum, micro_batches - i)  # an epoch's last group may be shorter
-                active = gate.on(step)
-                adv_steps += active
-                if active and adv_started is None:
-                    adv_started = {"epoch": round(step / steps_per_epoch, 4), "step": step}
-                    log.info(f"{name}adversarial training ({cfg.method}) on from epoch "
-                             f"{adv_started['epoch']:.2f} (optimizer step {step})")
-            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == micro_batches
-            with wrapped.no_sync() if wrapped is not model and not last_micro else contextlib.nullcontext():
-                loss = micro_step(attack if active else plain, forward_model, batch, labels, device, amp_dtype,
-                                  scaler, group)
-            window_loss += loss
-            window_batches += 1
+                step = epoch * self.steps_per_epoch + i // cfg.grad_accum
+                group = min(cfg.grad_accum, self.micro_batches - i)  # an epoch's last group may be shorter
+                attack = self._attack_for(step)
+            last_micro = (i + 1) % cfg.grad_accum == 0 or i + 1 == self.micro_batches
+            with self.wrapped.no_sync() if self.wrapped is not model and not last_micro else contextlib.nullcontext():
+                loss = micro_step(attack, self.forward_model, batch, labels, self.device, self.amp_dtype, self.scaler,
+                                  group, self.task.loss)
+            self.window_loss += loss
+            self.window_batches += 1
             if not last_micro:
                 continue
-            optimizer_step(model, optimizer, scheduler, scaler, cfg.max_grad_norm)
+            optimizer_step(model, self.optimizer, self.scheduler, self.scaler, cfg.max_grad_norm)
             if cfg.progress and i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step + 1 not in evals:
-                continue
-            train_loss = (window_loss / window_batches).item()  # also waits for the GPU: the timing is honest
-            train_seconds += time.perf_counter() - tick
-            position = round((step + 1) / steps_per_epoch, 4)
-            if not math.isfinite(train_loss):
-                raise UserError(f"{name}training diverged: the mean training loss was {train_loss} up to epoch "
-                                f"{position:.2f} (optimizer step {step + 1}); lower --lr or the attack's size, or "
-                                "use --amp bf16 or off.")
-            tock = time.perf_counter()
-            probs = predict_proba(model, valid_data[0], cfg.eval_batch_size, pad_id, device, amp_dtype)
-            seconds = time.perf_counter() - tock
-            eval_seconds += seconds
-            metrics = binary_metrics(valid_data[1], probs.argmax(1))
-            row = {"epoch": position, "step": step + 1, "train_loss": round(train_loss, 6),
-                   "valid_accuracy": metrics["accuracy"], "valid_f1": metrics["f1"], "adv_steps": adv_steps,
-                   "attack_seen": adv_steps > 0, "lr": scheduler.get_last_lr()[0], "eval_seconds": round(seconds, 3)}
-            improved = selection.record(row, metrics, probs, model)
-            gate.observe(metrics[cfg.select_metric], step + 1)
-            log.info(f"{name}epoch {position:.2f} | loss {train_loss:.4f} | valid acc {metrics['accuracy']:.4f} "
-                     f"f1 {metrics['f1']:.4f} | {'attacked ' + str(adv_steps) + ' steps | ' if adv_steps else ''}"
-                     f"eval {seconds:.1f}s{' | best' if improved else ''}")
-            window_loss, window_batches = torch.zeros((), device=device), 0
-            model.train()
-            tick = time.perf_counter()
+            if step + 1 in self.evals:
+                self.evaluate(step + 1)
         bar.close()
+
+    def evaluate(self, step: int):
+        """Validation after `step` optimizer steps: one metrics.json row, and the weights if they are the best."""
+        train_loss = (self.window_loss / self.window_batches).item()  # also waits for the GPU: the timing is honest
+        self.train_seconds += time.perf_counter() - self.tick
+        position = round(step / self.steps_per_epoch, 4)
+        if not math.isfinite(train_loss):
+            raise UserError(f"{self.name}training diverged: the mean training loss was {train_loss} up to epoch "
+                            f"{position:.2f} (optimizer step {step}); lower --lr or the attack's size, or "
+                            "use --amp bf16 or off.")
+        tock = time.perf_counter()
+        probs = predict_proba(self.model, self.valid_data[0], self.cfg.eval_batch_size, self.pad_id, self.device,
+                              self.amp_dtype, self.task.activate)
+        seconds = time.perf_counter() - tock
+        self.eval_seconds += seconds
+        metrics = self.task.evaluate(self.valid_data[1], probs)
+        row = {"epoch": position, "step": step, "train_loss": round(train_loss, 6),
+               **{f"valid_{k}": v for k, v in metrics.items()}, "adv_steps": self.adv_steps,
+               "attack_seen": self.adv_steps > 0, "lr": self.scheduler.get_last_lr()[0],
+               "eval_seconds": round(seconds, 3)}
+        if self.select_metric not in metrics:
+            metrics[self.select_metric] = row[f"valid_{self.select_metric}"] = metric_value(
+                self.select_metric, self.task, self.valid_data[1], probs)
+        improved = self.selection.record(row, metrics, probs, self.model)
+        self.gate.observe(metrics[self.select_metric], step)
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info(f"{self.name}epoch {position:.2f} | loss {train_loss:.4f} | valid {shown} | "
+                 f"{'attacked ' + str(self.adv_steps) + ' steps | ' if self.adv_steps else ''}"
+                 f"eval {seconds:.1f}s{' | best' if improved else ''}")
+        self.window_loss, self.window_batches = torch.zeros((), device=self.device), 0
+        self.model.train()
+        self.tick = time.perf_counter()
+
+    def result(self) -> dict:
+        cfg, best = self.cfg, self.selection.best
+        skips = int(self.attack.skipped)
+        if skips:
+            log.info(f"{self.name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without "
+                     "perturbation")
+        attack_said = f", {'after' if best['attack_seen'] else 'before'} the attack started" \
+            if cfg.method != "baseline" else ""
+        log.info(f"{self.name}selected the evaluation at epoch {best['epoch']:.2f} (valid {self.select_metric} "
+                 f"{best[self.select_metric]:.4f}){attack_said}")
+        return {"history": self.selection.history, "best": best, "state": self.selection.state,
+                "valid_probs": self.selection.probs, "adv_started_at": self.adv_started,
+                "attack_scale": getattr(self.attack, "scale", None), "attack_skips": skips,
+                "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
+                "train_samples": len(self.loader.dataset) * cfg.epochs}
+
+
+def train_fold(cfg: Config, task: Task, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int,
+               name: str = "", resume: dict | None = None, checkpoint=None) -> dict:
+    """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
+    evaluation's weights (on the CPU). train_data and valid_data are (token ids, targets). Returns the
+    evaluations, the best one, its state_dict and validation predictions, the attack's start, scale and
+    skip count, and the times. After every epoch checkpoint(state) receives all it takes to continue
+    from there (resume=state), with the same result as a run never interrupted."""
+    fold = FoldTraining(cfg, task, model, train_data, valid_data, device, amp_dtype, pad_id, name)
+    if resume is not None:
+        fold.restore(resume)
+    for epoch in range(fold.first_epoch, cfg.epochs):
+        fold.run_epoch(epoch)
         if checkpoint is not None:
-            checkpoint({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                        "gate": (gate.start, gate.best), "selection": dict(vars(selection)),
-                        "adv_started": adv_started, "adv_steps": adv_steps,
-                        "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-                        "skipped": int(attack.skipped), "rng": rng_state()})
-    skips = int(attack.skipped)
-    if skips:
-        log.info(f"{name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without perturbation")
-    best = selection.best
-    attack_said = f", {'after' if best['attack_seen'] else 'before'} the attack started" if cfg.method != "baseline" \
-        else ""
-    log.info(f"{name}selected the evaluation at epoch {best['epoch']:.2f} (valid {cfg.select_metric} "
-             f"{best[cfg.select_metric]:.4f}){attack_said}")
-    return {"history": selection.history, "best": best, "state": selection.state, "valid_probs": selection.probs[:, 1],
-            "adv_started_at": adv_started, "attack_scale": getattr(attack, "scale", None), "attack_skips": skips,
-            "train_seconds": train_seconds, "eval_seconds": eval_seconds,
-            "train_samples": len(train_data[0]) * cfg.epochs}
+            checkpoint(fold.state(epoch + 1))
+    return fold.result()
 
 
 def repeated_blocks(model: nn.Module) -> nn.ModuleList | None:
@@ -1507,20 +2099,32 @@ def __getattr__(name):
 
 def read_submission(path: Path) -> pd.DataFrame:
     """A submission file as written (every cell as text), for check_submission to judge."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder: name the submission file itself.")
     if not path.is_file():
         raise UserError(f"{path} not found: train first (make train) or fetch kernel outputs (make output).")
+    if path.read_bytes()[:2] == b"\x1f\x8b":
+        raise UserError(f"{path} is gzip-compressed: unpack it (gunzip) or submit it as it is, not as a CSV.")
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
 
 
-def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission") -> None:
-    """Raise UserError unless sub is exactly id,target with each test id once (Kaggle matches rows by id,
-    so any order) and targets written as 0 or 1. Ids are compared as text, as in the competition files."""
-    if list(sub.columns) != ["id", "target"]:
-        raise UserError(f"{name}: columns must be id,target, found {','.join(map(str, sub.columns))}.")
-    ids, expected = sub["id"].astype(str), pd.Index(np.asarray(expected_ids).astype(str))
+def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission", task: Task | None = None,
+                     columns=None) -> None:
+    """Raise UserError unless sub has exactly `columns` (the id column, then the task's value columns,
+    default id,target), each test id once (Kaggle matches rows by id, so any order; ids compared as
+    text, as in the competition files), and every value as the task writes it: a label of train, a
+    probability, or a number. task None with columns given: only the columns and the ids are checked."""
+    if columns is None:
+        task = task or DISASTER_TWEETS
+        columns = ["id", *task.value_columns()]
+    columns = list(columns)
+    if list(sub.columns) != columns:
+        raise UserError(f"{name}: columns must be {','.join(columns)}, found {','.join(map(str, sub.columns))}.")
+    ids, expected = sub[columns[0]].astype(str), pd.Index(np.asarray(expected_ids).astype(str))
     if len(sub) != len(expected):
         raise UserError(f"{name}: {len(sub)} rows, but the test set has {len(expected)}.")
     dup = ids[ids.duplicated()]
@@ -1530,11 +2134,13 @@ def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission") 
     if len(unknown):
         raise UserError(f"{name}: {len(unknown)} id(s) are not in the test set, e.g. {unknown.iloc[0]!r} "
                         "(ids must be written exactly as in test.csv).")
-    target = sub["target"].astype(str)
-    bad = ~target.isin(["0", "1"])
-    if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        raise UserError(f"{name}: target must be written 0 or 1, found {target.iloc[i]!r} at row {i + 1}.")
+    for column in columns[1:]:
+        values = sub[column].astype(str)
+        empty = values.str.strip() == ""
+        why = task.check_values(column, values) if task is not None else (
+            f"{column} is empty at row {int(np.flatnonzero(empty)[0]) + 1}" if empty.any() else None)
+        if why:
+            raise UserError(f"{name}: {why}.")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -1554,11 +2160,42 @@ def atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-def write_submission(path: Path, ids, labels, expected_ids) -> pd.DataFrame:
-    sub = pd.DataFrame({"id": np.asarray(ids), "target": np.asarray(labels).astype(int)})
-    check_submission(sub, expected_ids, str(path))
-    atomic_write(path, lambda tmp: sub.to_csv(tmp, index=False))
+def write_submission(path: Path, task: Task, ids, pred: np.ndarray, id_header: str, columns: dict,
+                     threshold: float = 0.5) -> pd.DataFrame:
+    """The submission for predictions `pred` (rows in the order of ids), checked, then written atomically."""
+    sub = task.submission(ids, pred, id_header, columns, threshold)
+    text = sub.to_csv(index=False)
+    check_submission(pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False), ids, str(path), task,
+                     sub.columns)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return sub
+
+
+def check_submission_file(cfg: Config, path: Path) -> str:
+    """Check a submission file in the terms a run writes it (the sample submission's columns, each test id
+    once, values as the task writes them, the task decided from train as a run decides it); without train,
+    the columns and ids only. Returns the one line that says it is fine."""
+    sub = read_submission(path)
+    has_train = bool(cfg.train) or find_file(find_data_dir(cfg.data_dir, "test", cfg.competition)
+                                             if not cfg.test else Path(cfg.test).parent, "train") is not None
+    if has_train:
+        data = load_competition(cfg)
+        task, columns = data["task"], [data["id_header"], *data["columns"].values()]
+        check_submission(sub, data["order"], str(path), task, columns)
+        what = f"{task.kind} {'labels' if task.writes_labels else 'values' if task.kind == 'regression' else 'probabilities'}"
+        return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}, {what} for {task.metric})"
+    folder = find_data_dir(cfg.data_dir, "test", cfg.competition) if not cfg.test else None
+    test = read_table(Path(cfg.test) if cfg.test else find_file(folder, "test"))
+    sample_path = Path(cfg.sample_submission) if cfg.sample_submission else find_file(folder, "sample_submission") \
+        if folder else None
+    sample = read_table(sample_path) if sample_path else None
+    columns = list(sample.columns) if sample is not None else list(sub.columns)
+    id_col = cfg.id_col or columns[0]
+    if id_col not in test.columns:
+        raise UserError(f"the test file has no column {id_col}: name the id column with --id-col.")
+    check_submission(sub, test[id_col], str(path), None, columns)
+    return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}; no train file to check " \
+           "the values against)"
 
 
 def _finite(obj):
@@ -1606,13 +2243,17 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path
 
 
 def _alive(pid: int) -> bool:
+    """Whether process pid may be an advtrain run: alive, and (where /proc tells) a Python process."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes().lower()
+    except OSError:
+        return True
 
 
 @contextlib.contextmanager
@@ -1629,7 +2270,8 @@ def output_lock(out: Path):
             pid = int(text) if text.isdigit() else 0
             if pid and pid != os.getpid() and _alive(pid):
                 raise UserError(f"{out} is being written by another advtrain run (process {pid}): wait for it to "
-                                "finish, or choose another --output-dir.") from None
+                                f"finish, or choose another --output-dir; if no advtrain run is writing there, delete "
+                                f"{lock}.") from None
             lock.unlink(missing_ok=True)
     else:
         raise UserError(f"Could not take the lock {lock}: remove it if no advtrain run is writing into {out}.")
@@ -1699,11 +2341,14 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def run(cfg: Config) -> dict:
+def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | None = None,
+        sample_submission: pd.DataFrame | None = None) -> dict:
     """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and
     model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json).
+    train, test and sample_submission: DataFrames prepared in pandas, instead of the files.
     The files appear once the run has succeeded (see STAGE); a failed run leaves the earlier ones as
     they were. Under torchrun every process trains its share; rank 0 alone logs and writes."""
+    frames = {"train": train, "test": test, "sample": sample_submission}
     started_group = init_distributed()
     try:
         out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
@@ -1712,7 +2357,7 @@ def run(cfg: Config) -> dict:
             dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if rank() > 0:
             with logging_to(None):
-                return _run(cfg, stage)
+                return _run(cfg, stage, frames)
         with output_lock(out):
             if not cfg.resume and stage.exists():
                 for p in stage.iterdir():
@@ -1720,7 +2365,7 @@ def run(cfg: Config) -> dict:
             stage.mkdir(exist_ok=True)
             with logging_to(stage / "train.log", append=cfg.resume):
                 try:
-                    metrics = _run(cfg, stage)
+                    metrics = _run(cfg, stage, frames)
                 except (UserError, Interrupted, KeyboardInterrupt, OSError) as e:
                     why = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else str(e).rstrip(".")
                     kept = (" (its last completed epoch is kept: rerun with --resume)"
@@ -1735,47 +2380,57 @@ def run(cfg: Config) -> dict:
             dist.destroy_process_group()
 
 
-def _run(cfg: Config, out: Path) -> dict:
+def _run(cfg: Config, out: Path, frames: dict) -> dict:
     started = time.time()
     log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     device = resolve_device(cfg.device)
     amp_dtype = resolve_amp(cfg.amp, device)
-    data = prepare_data(cfg)
-    cfg = dataclasses.replace(cfg, max_len=data["max_len"])
-    log.info(f"data {data['dir']}: {len(data['train'])} train / {len(data['test'])} test rows, max_len "
+    data = prepare_data(cfg, **frames)
+    log.info(f"data {data['where']['train']}: {len(data['train'])} train / {len(data['test'])} test rows, max_len "
              f"{data['max_len']} tokens (longest training text {data['longest']}) | device {describe_device(device)} | "
              f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
-    folds = make_folds(cfg, data["targets"])
-    results, oof, test_probs = train_folds(cfg, data, folds, device, amp_dtype, out)
-    metrics = summarize_run(cfg, data, folds, results, oof, device, amp_dtype, started)
+    folds = make_folds(cfg, data)
+    results, parts, test_pred = train_folds(cfg, data, folds, device, amp_dtype, out)
+    metrics = summarize_run(cfg, data, folds, results, parts, device, amp_dtype, started)
     if rank() == 0:
-        write_outputs(out, data, oof, test_probs, metrics)
+        write_outputs(out, data, parts, test_pred, metrics)
     return metrics
 
 
-def prepare_data(cfg: Config) -> dict:
-    """Read and check the competition files, load the tokenizer and tokenize every text once."""
-    data_dir = find_data_dir(cfg.data_dir)
-    train_df, test_df, order = load_competition(data_dir, cfg.use_keyword)
+def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
+    """Read and check the competition's tables, decide the task, load the tokenizer and tokenize every
+    text (or text pair) once."""
+    data = load_competition(cfg, train, test, sample)
+    task, train_df = data["task"], data["train"]
+    log.info(f"task {task.kind} ({'decided from the targets' if cfg.task == 'auto' else 'as set'}): target(s) "
+             f"{', '.join(task.target_cols)}" + (f", classes {', '.join(task.classes)}" if task.classes else "")
+             + f" | metric {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better) | submission "
+             f"{data['id_header']},{','.join(data['columns'].values())}")
+    if cfg.group_col and cfg.group_col not in train_df.columns:
+        raise UserError(f"--group-col {cfg.group_col}: {data['where']['train']} has no such column (its columns are "
+                        f"{', '.join(map(str, train_df.columns))}).")
+    groups = train_df[cfg.group_col].to_numpy() if cfg.group_col else None
     if cfg.split == "holdout":  # sizes that leave nothing to train on fail here, before the model loads
-        holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size)
+        holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size, groups)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     try:
         model_config = transformers.AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:
-        raise UserError(f"Could not load the config of {cfg.model!r} ({str(e).splitlines()[0]}).") from None
+        raise UserError(f"Could not load the config of {cfg.model!r} ({str(e).splitlines()[0]}): the model folder "
+                        "needs a readable config.json.") from None
     limit = model_max_len(tokenizer, model_config)
-    texts = train_df["text"].tolist()
-    train_ids = tokenize(tokenizer, texts, limit)
+    texts = input_texts(train_df, cfg, tokenizer.sep_token)
+    train_ids = tokenize(tokenizer, *texts[:1], limit, texts[1])
     check_tokenizer(tokenizer, model_config, train_ids, cfg.model)
     longest = max(map(len, train_ids))
     max_len = min(cfg.max_len, limit) if cfg.max_len else longest
     if max_len < longest:
-        train_ids = tokenize(tokenizer, texts, max_len)
-    return {"dir": data_dir, "train": train_df, "test": test_df, "order": order, "model_path": model_path,
-            "train_ids": train_ids, "test_ids": tokenize(tokenizer, test_df["text"].tolist(), max_len),
-            "targets": train_df["target"].to_numpy(), "max_len": max_len, "longest": longest,
+        train_ids = tokenize(tokenizer, texts[0], max_len, texts[1])
+    test_texts = input_texts(data["test"], cfg, tokenizer.sep_token)
+    return {**data, "model_path": model_path, "train_ids": train_ids,
+            "test_ids": tokenize(tokenizer, test_texts[0], max_len, test_texts[1]),
+            "targets": task.encode(train_df), "groups": groups, "max_len": max_len, "longest": longest,
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
 
 
@@ -1798,66 +2453,92 @@ def check_tokenizer(tokenizer, model_config, ids, name: str) -> None:
                         "(tokenizer.json, vocab or spm model); copy them in with save_pretrained.")
 
 
-def make_folds(cfg: Config, targets) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(train, valid, holdout) row indices per fold: one fold for split=holdout, n_folds without holdout."""
+def make_folds(cfg: Config, data: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(train, valid, holdout) row indices per fold: one fold for split=holdout, n_folds without holdout.
+    No group (--group-col) is on two sides; k-fold is stratified (class, target decile, rarest label)."""
+    targets, task = data["targets"], data["task"]
     if cfg.split == "holdout":
-        return [holdout_split(len(targets), cfg.seed, cfg.holdout_size, cfg.valid_size)]
-    if cfg.n_folds > min(np.bincount(targets, minlength=2)):
-        raise UserError(f"n_folds={cfg.n_folds} is more than the {min(np.bincount(targets, minlength=2))} rows of the "
-                        "rarer class in train.csv: choose --n-folds 5 or use --split holdout.")
-    return [(tr, va, np.array([], dtype=int)) for tr, va in kfold_splits(targets, cfg.n_folds, cfg.seed)]
+        return [holdout_split(len(targets), cfg.seed, cfg.holdout_size, cfg.valid_size, data["groups"])]
+    if task.classes:
+        counts = np.bincount(targets, minlength=len(task.classes))
+        if counts.min() == 0:
+            raise UserError(f"{data['where']['train']} holds no row of class {task.classes[int(counts.argmin())]!r}: "
+                            "a classifier needs every class in train.")
+        if cfg.n_folds > counts.min():
+            raise UserError(f"n_folds={cfg.n_folds} is more than the {counts.min()} rows of the rarest class "
+                            f"({task.classes[int(counts.argmin())]!r}) in train: lower --n-folds to at most "
+                            f"{counts.min()}, or use --split holdout.")
+    if len(targets) < 2 * cfg.n_folds:
+        raise UserError(f"train has {len(targets)} rows, too few for {cfg.n_folds} folds: lower --n-folds.")
+    return [(tr, va, np.array([], dtype=int))
+            for tr, va in kfold_splits(strata(task, targets), cfg.n_folds, cfg.seed, data["groups"])]
 
 
 def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
-    """Train one model per fold; returns the per-fold results, the out-of-fold table (validation and
-    holdout probabilities of every fold's best evaluation) and the test probabilities averaged over folds.
-    At the end of every epoch the whole training state goes to out/checkpoint.pt, from which
-    cfg.resume continues (finished folds are not trained again)."""
-    ids, targets = data["train_ids"], data["targets"]
-    saved = load_checkpoint(out / CHECKPOINT, cfg) if cfg.resume else {"completed": [], "current": None}
+    """Train one model per fold; returns the per-fold results, the out-of-fold predictions (validation
+    and holdout of every fold's best evaluation, as (part, rows, predictions, fold)) and the test
+    predictions averaged over folds. At the end of every epoch the whole training state goes to
+    out/checkpoint.pt, from which cfg.resume continues (finished folds are not trained again); a
+    checkpoint that cannot be written costs the checkpoint (a warning), never the run."""
+    ids, targets, task = data["train_ids"], data["targets"], data["task"]
+    requested = cfg
+    cfg = dataclasses.replace(cfg, max_len=data["max_len"])
+    saved = load_checkpoint(out / CHECKPOINT, requested) if cfg.resume else {"completed": [], "current": None}
     completed = saved["completed"]
 
     def checkpoint(current):
-        if rank() == 0:
-            state = {"config": dataclasses.asdict(cfg), "completed": completed, "current": current}
+        if rank() > 0:
+            return
+        state = {"advtrain": __version__, "config": dataclasses.asdict(requested), "completed": completed,
+                 "current": current}
+        try:
             atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        except (OSError, RuntimeError) as e:
+            log.warning(f"{CHECKPOINT} not saved ({str(e).splitlines()[0]}): this run goes on, but cannot be resumed "
+                        "from this point; free some disk space")
 
+    activate = task.activate
     for k, (tr, va, ho) in enumerate(folds):
         if k < len(completed):
             log.info(f"fold {k + 1}/{len(folds)}: finished before the interruption, not trained again")
             continue
         name = f"fold {k + 1}/{len(folds)} " if len(folds) > 1 else ""
-        seed_everything(cfg.seed)
-        model = Classifier.from_pretrained(data["model_path"], pooling=cfg.pooling, dropout=cfg.dropout).to(device)
+        transformers.set_seed(cfg.seed)
+        model = Classifier.from_pretrained(data["model_path"], num_labels=task.num_outputs, pooling=cfg.pooling,
+                                           dropout=cfg.dropout).to(device)
+        if task.kind == "regression":  # start from the mean target, not from 0 (fewer steps spent on the offset)
+            with torch.no_grad():
+                model.head.bias.copy_(torch.as_tensor(targets[tr].mean(0)))
         current = saved["current"] if saved["current"] and saved["current"]["fold"] == k else None
-        result = train_fold(cfg, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
+        result = train_fold(cfg, task, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
                             device, amp_dtype, data["pad_id"], name, resume=current,
                             checkpoint=lambda state, k=k: checkpoint(dict(state, fold=k)))
         model.load_state_dict(result.pop("state"))
-        parts = [("valid", va, result.pop("valid_probs"))]
+        parts = [("valid", va, result.pop("valid_probs"), k)]
         if len(ho):
             parts.append(("holdout", ho, predict_proba(model, [ids[i] for i in ho], cfg.eval_batch_size,
-                                                       data["pad_id"], device, amp_dtype)[:, 1]))
-        oof = [pd.DataFrame({"id": data["train"]["id"].to_numpy()[rows], "target": targets[rows], "prob": prob,
-                             "split": part, "fold": k}) for part, rows, prob in parts]
-        test = predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device, amp_dtype)[:, 1]
+                                                       data["pad_id"], device, amp_dtype, activate), k))
+        test = predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device, amp_dtype, activate)
         if cfg.save_model and rank() == 0:
             save_model(model, out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt"))
-        completed.append({"result": result, "oof": oof, "test": test})
+        completed.append({"result": result, "parts": parts, "test": test})
         checkpoint(None)
         del model
     results = [c["result"] for c in completed]
-    test_probs = np.mean([c["test"] for c in completed], axis=0)
-    return results, pd.concat([df for c in completed for df in c["oof"]], ignore_index=True), test_probs
+    test_pred = np.mean([c["test"] for c in completed], axis=0)
+    return results, [p for c in completed for p in c["parts"]], test_pred
 
 
 def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """The checkpoint of an interrupted run, if it was made with the same settings."""
+    """The checkpoint of an interrupted run, if advtrain wrote it with the same settings."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
-        raise UserError(f"--resume: {path} cannot be read ({type(e).__name__}): run without --resume.") from None
-    differ = _differing_settings(saved["config"], cfg)
+        recorded = saved["config"]
+        saved["completed"], saved["current"]  # noqa: B018 - the keys every checkpoint of advtrain has
+    except Exception as e:  # noqa: BLE001 - unpickling a foreign or damaged file raises anything
+        raise UserError(f"--resume: {path} is not a readable checkpoint of advtrain ({type(e).__name__}): delete "
+                        "it, or run without --resume.") from None
+    differ = _differing_settings(recorded, cfg)
     if differ:
         raise UserError(f"--resume: the interrupted run used other settings ({', '.join(differ)}): resume with "
                         "the same settings, or run without --resume.")
@@ -1886,35 +2567,55 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def decide_threshold(cfg: Config, valid: pd.DataFrame) -> float:
-    """The probability above which a tweet is labelled 1 (argmax of two classes is prob > 0.5)."""
-    if cfg.threshold == "argmax":
+def decide_threshold(cfg: Config, task: Task, y_valid, pred_valid) -> float:
+    """The probability above which a binary task's label is 1 (argmax of two classes is prob > 0.5); tuned
+    (auto) or set only where the metric is F1."""
+    if task.kind != "binary" or task.metric != "f1" or cfg.threshold == "argmax":
+        if cfg.threshold != "argmax" and not (task.kind == "binary" and task.metric == "f1"):
+            log.info(f"threshold {cfg.threshold}: applies to binary F1 only; this {task.kind} task scored by "
+                     f"{task.metric} uses argmax")
         return 0.5
     if cfg.threshold == "auto":
-        return best_threshold(valid["target"], valid["prob"])
+        return best_threshold(y_valid, pred_valid[:, 1])
     return float(cfg.threshold)
 
 
-def summarize_run(cfg: Config, data: dict, folds, results, oof: pd.DataFrame, device, amp_dtype, started) -> dict:
-    """metrics.json: one shape whatever the split. `score` is measured on the holdout (split=holdout)
-    or on the out-of-fold validation predictions (split=kfold), with argmax and with the threshold."""
-    valid = oof[oof["split"] == "valid"]
-    threshold = decide_threshold(cfg, valid)
+def _stack(parts, name: str):
+    """The rows and predictions of the out-of-fold parts called name, stacked."""
+    chosen = [(rows, pred) for part, rows, pred, _ in parts if part == name]
+    return np.concatenate([r for r, _ in chosen]), np.concatenate([p for _, p in chosen])
+
+
+def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dtype, started) -> dict:
+    """metrics.json: one shape whatever the split and task. `score` is measured on the holdout
+    (split=holdout) or on the out-of-fold validation predictions (split=kfold): the competition metric
+    (`metric`, `value`) and its companions; for binary F1 also with argmax and at the threshold."""
+    task, targets = data["task"], data["targets"]
+    threshold = decide_threshold(cfg, task, *(lambda r, p: (targets[r], p))(*_stack(parts, "valid")))
     scored_on = "holdout" if cfg.split == "holdout" else "out-of-fold"
-    scored = oof[oof["split"] == ("holdout" if cfg.split == "holdout" else "valid")]
-    argmax = binary_metrics(scored["target"], (scored["prob"] > 0.5).astype(int))
-    tuned = binary_metrics(scored["target"], (scored["prob"] > threshold).astype(int))
-    log.info(f"{scored_on}: argmax acc {argmax['accuracy']:.4f} f1 {argmax['f1']:.4f} | threshold {threshold:.3f} "
-             f"({cfg.threshold}) acc {tuned['accuracy']:.4f} f1 {tuned['f1']:.4f}")
+    rows, pred = _stack(parts, "holdout" if cfg.split == "holdout" else "valid")
+    at = task.evaluate(targets[rows], pred, threshold)
+    score = {"on": scored_on, "rows": len(rows), "metric": task.metric, "value": at[task.metric],
+             "higher_is_better": task.higher_is_better, "metrics": at, "threshold": threshold}
+    if task.kind == "binary":
+        argmax = task.evaluate(targets[rows], pred, 0.5)
+        score.update(argmax={k: argmax[k] for k in ("accuracy", "f1")}, tuned={k: at[k] for k in ("accuracy", "f1")})
+        log.info(f"{scored_on}: argmax acc {argmax['accuracy']:.4f} f1 {argmax['f1']:.4f} | threshold {threshold:.3f} "
+                 f"({cfg.threshold}) acc {at['accuracy']:.4f} f1 {at['f1']:.4f}")
+    log.info(f"{scored_on} {task.metric}: {at[task.metric]:.4f} ("
+             + ", ".join(f"{k} {v:.4f}" for k, v in at.items() if k != task.metric) + ")")
     train_seconds = sum(r["train_seconds"] for r in results)
     bests = [r["best"] for r in results]
+    reported = [k for k in bests[0] if k not in ("epoch", "step", "attack_seen")]
     return {
         "config": dataclasses.asdict(cfg),
+        "task": dataclasses.asdict(task),
+        "submission": {"id": data["id_header"], "columns": data["columns"]},
         "evaluations": [dict(row, fold=k) for k, r in enumerate(results) for row in r["history"]],
         "selected": [dict(b, fold=k) for k, b in enumerate(bests)],
-        "valid_best": {m: float(np.mean([b[m] for b in bests])) for m in ("accuracy", "f1")},
+        "valid_best": {m: float(np.mean([b[m] for b in bests])) for m in reported},
         "attack_seen": all(b["attack_seen"] for b in bests),
-        "score": {"on": scored_on, "rows": len(scored), "threshold": threshold, "argmax": argmax, "tuned": tuned},
+        "score": score,
         "train_samples_per_s": round(sum(r["train_samples"] for r in results) / train_seconds, 2),
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(sum(r["eval_seconds"] for r in results), 2),
@@ -1924,23 +2625,39 @@ def summarize_run(cfg: Config, data: dict, folds, results, oof: pd.DataFrame, de
         "device": describe_device(device) if world_size() == 1 else f"{world_size()} x {describe_device(device)}",
         "world_size": world_size(),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-        "data": {"dir": str(data["dir"]), "train_rows": len(data["train"]), "test_rows": len(data["test"]),
-                 "train": len(folds[0][0]), "valid": len(folds[0][1]), "holdout": len(folds[0][2]),
-                 "max_len": data["max_len"], "longest_train_text": data["longest"]},
+        "data": {"dir": str(data["dir"] or data["where"]["train"]), "train_rows": len(data["train"]),
+                 "test_rows": len(data["test"]), "train": len(folds[0][0]), "valid": len(folds[0][1]),
+                 "holdout": len(folds[0][2]), "max_len": data["max_len"], "longest_train_text": data["longest"]},
         "versions": versions(),
         "seconds_total": round(time.time() - started, 2),
     }
 
 
-def write_outputs(out: Path, data: dict, oof: pd.DataFrame, test_probs, metrics: dict) -> None:
-    """submission.csv (test labels at the run's threshold), test_probs.csv, oof.csv, metrics.json."""
-    order = data["order"]
-    prob = pd.Series(test_probs, index=data["test"]["id"].to_numpy()).loc[order].to_numpy()
-    write_submission(out / "submission.csv", order, (prob > metrics["score"]["threshold"]).astype(int), order)
-    probs_df = pd.DataFrame({"id": order, "prob": prob})
+def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: dict) -> None:
+    """submission.csv (in the sample submission's columns and order), test_probs.csv (the averaged
+    predictions, in the task's output columns), oof.csv (targets and predictions of every validation
+    and holdout row), metrics.json."""
+    task, train = data["task"], data["train"]
+    position = pd.Series(np.arange(len(data["test"])), index=data["test"][data["id_col"]].to_numpy())
+    pred = test_pred[position.loc[data["order"]].to_numpy()]
+    write_submission(out / "submission.csv", task, data["order"], pred, data["id_header"], data["columns"],
+                     metrics["score"]["threshold"])
+    probs_df = task.table(pred)
+    probs_df.insert(0, "id", data["order"])
     atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
+    train_ids = train[data["id_col"]].to_numpy() if data["id_col"] in train.columns else np.arange(len(train))
+    frames = []
+    for part, rows, p, k in parts:
+        frame = pd.DataFrame({"id": train_ids[rows]})
+        for col in task.target_cols:
+            frame[col] = train[col].to_numpy()[rows]
+        preds = task.table(p)
+        frame[[n if n not in frame.columns else f"pred_{n}" for n in preds.columns]] = preds.to_numpy()
+        frames.append(frame.assign(split=part, fold=k))
+    oof = pd.concat(frames, ignore_index=True)
     atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
     write_json(out / "metrics.json", metrics)
+
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1968,46 +2685,62 @@ _NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
 
 
 def _differing_settings(recorded: dict, wanted: Config) -> list[str]:
-    """The settings in which a finished run's recorded config differs from the wanted one. A setting
-    the run did not record (it predates that setting) counts as its default."""
+    """The settings in which a finished run's recorded config differs from the wanted one: every setting
+    that can change the result counts. A setting the run did not record (it predates that setting)
+    counts as its default."""
     want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
-    return [k for k in want if k not in _NOT_RESULTS and k != "max_len" and recorded.get(k, defaults[k]) != want[k]]
+    for name in ("text_cols", "target_cols"):
+        defaults[name] = _columns(defaults[name], name)
+    return [k for k in want if k not in _NOT_RESULTS and recorded.get(k, defaults[k]) != want[k]]
 
 
 def result_row(path: Path) -> tuple[dict, dict]:
     """One row of the comparison from a run's metrics.json, and the config the run recorded."""
     try:
         m = json.loads(path.read_text())
-        score = m["score"]
-        return {"method": m["config"]["method"], "seed": m["config"]["seed"],
-                "valid_best": m["valid_best"][m["config"]["select_metric"]],
-                "holdout_accuracy": score["tuned"]["accuracy"], "holdout_f1": score["tuned"]["f1"],
-                "holdout_f1_argmax": score["argmax"]["f1"], "threshold": score["threshold"],
-                "attack_seen": bool(m["attack_seen"]), "train_seconds": m["train_seconds"],
-                "samples_per_s": m["train_samples_per_s"], "attack_skips": m["attack_skips"],
-                "run": path.parent.name}, m["config"]
+        score, select = m["score"], m["config"]["select_metric"] or m["score"]["metric"]
+        return {"method": m["config"]["method"], "seed": m["config"]["seed"], "metric": score["metric"],
+                "higher_is_better": bool(score["higher_is_better"]), "valid_best": m["valid_best"][select],
+                "score": score["value"], "threshold": score["threshold"], "attack_seen": bool(m["attack_seen"]),
+                "train_seconds": m["train_seconds"], "samples_per_s": m["train_samples_per_s"],
+                "attack_skips": m["attack_skips"], "run": path.parent.name}, m["config"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path} is not a metrics.json of advtrain ({type(e).__name__}: {e}): delete that run "
-                        "folder to run it again.") from None
+        raise UserError(f"{path} is not a metrics.json of this advtrain version ({type(e).__name__}: {e}): delete "
+                        "that run folder to run it again.") from None
+
+
+def _run_task(root: Path, run_name: str) -> tuple[Task, dict]:
+    """The task and submission layout a finished run recorded in its metrics.json."""
+    m = json.loads((Path(root) / run_name / "metrics.json").read_text())
+    return Task(**m["task"]), m
 
 
 def with_changed_labels(root: Path, results: pd.DataFrame, reference: str) -> pd.DataFrame:
-    """results with `labels_changed`: for each run, the share of its submission.csv's test labels that
-    differ against the reference method's run of the same seed (does the method change what is submitted?)."""
-    labels = {r.run: pd.read_csv(Path(root) / r.run / "submission.csv", dtype=str).set_index("id")["target"]
-              for r in results.itertuples()}
+    """results with `labels_changed`: for each run whose submission holds labels, the share of its test
+    labels that differ against the reference method's run of the same seed (does the method change what
+    is submitted?); nan where the submission holds probabilities or values."""
+    task, _ = _run_task(root, results["run"].iloc[0])
+    if not task.writes_labels:
+        return results.assign(labels_changed=np.nan)
+    def labels(run_name):
+        sub = pd.read_csv(Path(root) / run_name / "submission.csv", dtype=str, keep_default_na=False)
+        return sub.set_index(sub.columns[0])
+
+    labels = {r.run: labels(r.run) for r in results.itertuples()}
     ref = {r.seed: labels[r.run] for r in results.itertuples() if r.method == reference}
-    changed = [float((labels[r.run] != ref[r.seed].loc[labels[r.run].index]).mean()) if r.seed in ref else np.nan
-               for r in results.itertuples()]
+    changed = [float((labels[r.run] != ref[r.seed].loc[labels[r.run].index]).any(axis=1).mean())
+               if r.seed in ref else np.nan for r in results.itertuples()]
     return results.assign(labels_changed=changed)
 
 
 def summarize(results: pd.DataFrame, reference: str = "baseline"):
-    """(per-method mean and std, per-method paired difference from the reference on the same seeds)."""
-    metrics = ["valid_best", "holdout_accuracy", "holdout_f1", "holdout_f1_argmax", "attack_seen"]
+    """(per-method mean and std, per-method paired difference from the reference on the same seeds).
+    `gain` is the difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
+    metrics = ["valid_best", "score", "attack_seen"]
     order = list(dict.fromkeys(results["method"]))
     summary = results.assign(attack_seen=results["attack_seen"].astype(float)).groupby(
         "method", sort=False)[metrics].agg(["mean", "std", "count"]).loc[order]
+    sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
     diffs = []
     ref = results[results["method"] == reference].set_index("seed")
     for method in order:
@@ -2017,136 +2750,153 @@ def summarize(results: pd.DataFrame, reference: str = "baseline"):
         seeds = sorted(set(mine.index) & set(ref.index))
         if not seeds:
             continue
-        row = {"method": method, "seeds": len(seeds)}
-        for metric in ("holdout_f1", "holdout_f1_argmax", "holdout_accuracy"):
-            mean, lo, hi = paired_interval(mine.loc[seeds, metric] - ref.loc[seeds, metric])
-            row.update({f"{metric}_diff": mean, f"{metric}_lo": lo, f"{metric}_hi": hi})
-        diffs.append(row)
+        diff, lo, hi = paired_interval(mine.loc[seeds, "score"] - ref.loc[seeds, "score"])
+        glo, ghi = sorted([sign * lo, sign * hi])
+        diffs.append({"method": method, "seeds": len(seeds), "diff": diff, "lo": lo, "hi": hi,
+                      "gain": sign * diff, "gain_lo": glo, "gain_hi": ghi})
     return summary, pd.DataFrame(diffs)
 
 
-def _verdict(row, reference: str) -> str:
-    mean, lo, hi = (100 * row[f"holdout_f1_{k}"] for k in ("diff", "lo", "hi"))
-    if math.isnan(lo):
-        return f"{row['method']} vs {reference}: {mean:+.2f} F1 points on one seed; one seed gives no interval."
-    verdict = "distinguishable from zero" if lo > 0 or hi < 0 else "not distinguishable from zero"
-    return (f"{row['method']} vs {reference}: {mean:+.2f} holdout F1 points (95% CI {lo:+.2f} to {hi:+.2f}, "
-            f"{row['seeds']} seeds): {verdict}.")
+def _verdict(row, reference: str, metric: str) -> str:
+    if math.isnan(row["lo"]):
+        return f"{row['method']} vs {reference}: {row['diff']:+.4f} {metric} on one seed; one seed gives no interval."
+    if row["gain_lo"] > 0:
+        verdict = "better, distinguishable from zero"
+    elif row["gain_hi"] < 0:
+        verdict = "worse, distinguishable from zero"
+    else:
+        verdict = "not distinguishable from zero"
+    return (f"{row['method']} vs {reference}: {row['diff']:+.4f} {metric} (95% CI {row['lo']:+.4f} to "
+            f"{row['hi']:+.4f}, {row['seeds']} seeds; {'higher' if METRICS[metric] else 'lower'} is better): "
+            f"{verdict}.")
 
 
 def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "") -> str:
     summary, diffs = summarize(results, reference)
+    metric, on = results["metric"].iloc[0], "score"
 
-    def cell(method, metric):
-        mean, std, n = summary.loc[method, (metric, "mean")], summary.loc[method, (metric, "std")], \
-            summary.loc[method, (metric, "count")]
+    def cell(method, name):
+        mean, std, n = (summary.loc[method, (name, k)] for k in ("mean", "std", "count"))
         return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
 
-    lines = [header, "| method | seeds | selected after the attack started | test labels changed | valid best | "
-             "holdout acc | holdout F1 (argmax) | holdout F1 (threshold) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [header, f"| method | seeds | selected after the attack started | test labels changed | valid best | "
+             f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better) |", "|---|---|---|---|---|---|"]
     for method in summary.index:
-        n = int(summary.loc[method, ("holdout_f1", "count")])
+        n = int(summary.loc[method, (on, "count")])
         seen = "n/a" if method == reference else f"{round(summary.loc[method, ('attack_seen', 'mean')] * n)}/{n}"
         rows = results[results["method"] == method]
-        changed = "n/a" if method == reference or "labels_changed" not in results else \
+        changed = "n/a" if method == reference or rows["labels_changed"].isna().all() else \
             f"{100 * rows['labels_changed'].mean():.1f}% (min {100 * rows['labels_changed'].min():.1f}%)"
-        lines.append(f"| {method} | {n} | {seen} | {changed} | {cell(method, 'valid_best')} | "
-                     f"{cell(method, 'holdout_accuracy')} | {cell(method, 'holdout_f1_argmax')} | "
-                     f"{cell(method, 'holdout_f1')} |")
-    lines.append("\nmean ± standard deviation over seeds; accuracy and the last column at the run's threshold.")
+        lines.append(f"| {method} | {n} | {seen} | {changed} | {cell(method, 'valid_best')} | {cell(method, on)} |")
+    lines.append(f"\nmean ± standard deviation over seeds; {metric} on the holdout (out-of-fold for kfold), at the "
+                 "run's threshold.")
     if len(diffs):
-        lines += [f"\nPaired difference from {reference} (same seed, same split), in points:\n",
-                  "| method | seeds | Δ holdout F1 (threshold) | 95% CI | Δ holdout F1 (argmax) | 95% CI | "
-                  "Δ holdout acc | 95% CI |", "|---|---|---|---|---|---|---|---|"]
-        metrics = ("holdout_f1", "holdout_f1_argmax", "holdout_accuracy")
+        lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
+                  f"| method | seeds | Δ {metric} | 95% CI | gain (positive is better) |", "|---|---|---|---|---|"]
         for _, r in diffs.iterrows():
-            ci = {m: (f"{100 * r[m + '_lo']:+.2f} to {100 * r[m + '_hi']:+.2f}" if not math.isnan(r[m + "_lo"])
-                      else "n/a") for m in metrics}
-            lines.append(f"| {r['method']} | {r['seeds']} | " + " | ".join(
-                f"{100 * r[m + '_diff']:+.2f} | {ci[m]}" for m in metrics) + " |")
+            ci = f"{r['lo']:+.4f} to {r['hi']:+.4f}" if not math.isnan(r["lo"]) else "n/a"
+            lines.append(f"| {r['method']} | {r['seeds']} | {r['diff']:+.4f} | {ci} | {r['gain']:+.4f} |")
         lines.append("")
-        lines += [_verdict(r, reference) for _, r in diffs.iterrows()]
+        lines += [_verdict(r, reference, metric) for _, r in diffs.iterrows()]
     return "\n".join(lines).strip() + "\n"
 
 
 def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
-    """valid_f1.png (validation F1 at every evaluation: mean line, min-max band over seeds) and
-    holdout_f1.png (seeds and mean per method)."""
+    """valid.png (the selection metric on validation at every evaluation: mean line, min-max band over
+    seeds) and score.png (the competition metric per method: seeds and mean)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    methods = list(dict.fromkeys(results["method"]))
+    methods, metric = list(dict.fromkeys(results["method"])), results["metric"].iloc[0]
     fig = Figure(figsize=(7, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for method in methods:
-        runs = [json.loads((root / run / "metrics.json").read_text())["evaluations"]
-                for run in results.loc[results["method"] == method, "run"]]
-        width = min(map(len, runs))
-        curves = np.array([[e["valid_f1"] for e in r[:width]] for r in runs])
-        x = [e["epoch"] for e in runs[0][:width]]
+        runs = [json.loads((root / run / "metrics.json").read_text()) for run in
+                results.loc[results["method"] == method, "run"]]
+        select = runs[0]["config"]["select_metric"] or metric
+        width = min(len(r["evaluations"]) for r in runs)
+        curves = np.array([[e[f"valid_{select}"] for e in r["evaluations"][:width]] for r in runs], dtype=float)
+        x = [e["epoch"] for e in runs[0]["evaluations"][:width]]
         line, = ax.plot(x, curves.mean(0), marker="o", markersize=3, label=method)
         ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
-    ax.set(title="Validation F1 at each evaluation (mean over seeds, band: min-max)", xlabel="epoch",
-           ylabel="validation F1")
+    ax.set(title=f"Validation {select} at each evaluation (mean over seeds, band: min-max)", xlabel="epoch",
+           ylabel=f"validation {select}")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    paths = [root / "valid_f1.png"]
+    paths = [root / "valid.png"]
     fig.savefig(paths[0])
 
     fig = Figure(figsize=(7, 4.5), dpi=110)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for x, method in enumerate(methods):
-        scores = results.loc[results["method"] == method, "holdout_f1"].to_numpy()
+        scores = results.loc[results["method"] == method, "score"].to_numpy()
         jitter = np.linspace(-0.08, 0.08, len(scores)) if len(scores) > 1 else np.zeros(1)
         ax.scatter(x + jitter, scores, alpha=0.7, label="seeds" if x == 0 else None, color="tab:blue")
         ax.hlines(scores.mean(), x - 0.25, x + 0.25, color="tab:red", linewidth=2, label="mean" if x == 0 else None)
     ax.set_xticks(range(len(methods)), methods)
-    ax.set(title="Holdout F1 per method (points: seeds, bar: mean)", xlabel="method", ylabel="holdout F1")
+    ax.set(title=f"{metric} per method ({'higher' if METRICS[metric] else 'lower'} is better; points: seeds, "
+           "bar: mean)", xlabel="method", ylabel=metric)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    paths.append(root / "holdout_f1.png")
+    paths.append(root / "score.png")
     fig.savefig(paths[1])
     return paths
 
 
-def ensemble_submission(root: Path, runs: list[str], expected_ids, path: Path) -> dict:
-    """Average the test probabilities of the runs and label at the mean of their thresholds; write one
-    submission; report how often the runs disagree."""
-    probs = [pd.read_csv(Path(root) / r / "test_probs.csv", dtype={"id": str}).set_index("id")["prob"] for r in runs]
+def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
+    """Average the test probabilities (or values) of the runs, label binary F1 at the mean of their
+    thresholds, write one submission in the runs' layout, and report how often the runs disagree
+    (labels) or how far apart they are (mean absolute difference of probabilities or values)."""
+    task, m = _run_task(root, runs[0])
+    tables = [pd.read_csv(Path(root) / r / "test_probs.csv", dtype={"id": str}, keep_default_na=False)
+              .set_index("id") for r in runs]
+    order = tables[0].index
+    preds = [task.from_table(t.loc[order]) for t in tables]
     cuts = [json.loads((Path(root) / r / "metrics.json").read_text())["score"]["threshold"] for r in runs]
-    mean = pd.concat(probs, axis=1).mean(axis=1).loc[list(expected_ids)]
-    write_submission(path, mean.index, (mean.to_numpy() > np.mean(cuts)).astype(int), expected_ids)
-    labels = np.array([(p.loc[list(expected_ids)].to_numpy() > c) for p, c in zip(probs, cuts)])
-    disagree = [float((labels[i] != labels[j]).mean()) for i in range(len(runs)) for j in range(i + 1, len(runs))]
-    return {"runs": runs, "submission": str(path), "threshold": float(np.mean(cuts)),
-            "mean_pairwise_disagreement": float(np.mean(disagree)) if disagree else 0.0}
+    mean, cut = np.mean(preds, axis=0), float(np.mean(cuts))
+    write_submission(path, task, order.to_numpy(), mean, m["submission"]["id"], m["submission"]["columns"], cut)
+    pairs = [(i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+    if task.writes_labels:
+        labels = [task.labels(p, c) for p, c in zip(preds, cuts)]
+        apart = [float((labels[i] != labels[j]).reshape(len(order), -1).any(1).mean()) for i, j in pairs]
+    else:
+        apart = [float(np.abs(preds[i] - preds[j]).mean()) for i, j in pairs]
+    return {"runs": runs, "submission": str(path), "threshold": cut, "labels": task.writes_labels,
+            "mean_pairwise_difference": float(np.mean(apart)) if apart else 0.0}
 
 
-def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
+def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None) -> pd.DataFrame:
     """Run every method x seed (the same split for all methods of one seed) into cfg.output_dir/<method>-seed<seed>/,
-    then write results.csv, results.md and the plots from exactly those runs. A finished run is reused
-    only if it was made with the same settings; otherwise compare stops and says which settings differ
-    (pass --overwrite to run it again). ensemble: the methods whose test probabilities to average into
+    then write results.csv, results.md and the plots from exactly those runs, in the competition's metric.
+    A finished run is reused only if it was made with the same settings; otherwise compare stops and says
+    which settings differ (pass --overwrite to run it again); a run interrupted before it finished is
+    resumed (cfg.resume) or started. ensemble: the methods whose test predictions to average into
     ensemble_submission.csv."""
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(int(s) for s in seeds))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or not seeds:
         raise UserError(f"compare needs methods from {', '.join(METHODS)} and at least one seed "
                         f"(got methods={methods}, seeds={seeds}).")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise UserError(f"--seeds: {bad[0]} is outside numpy's range of seeds, 0 to 2**32 - 1.")
     missing = [m for m in ensemble or [] if m not in methods]
     if missing:
         raise UserError(f"--ensemble names {', '.join(missing)}, which --methods does not run.")
-    root = Path(cfg.output_dir)
+    root = Path(cfg.output_dir).expanduser()
+    if root.exists() and not root.is_dir() or root.is_symlink() and not root.exists():
+        raise UserError(f"compare's output_dir {root} is a file (or a broken link): choose a folder with --output-dir.")
     root.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in seeds:
         for method in methods:
             out = root / run_dir_name(method, seed)
-            wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True)
+            wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True,
+                                         resume=cfg.resume and (out / STAGE / CHECKPOINT).is_file())
             if (out / "metrics.json").is_file():
                 row, recorded = result_row(out / "metrics.json")
                 differ = _differing_settings(recorded, wanted)
@@ -2158,23 +2908,24 @@ def compare(cfg: Config, methods, seeds, ensemble=None) -> pd.DataFrame:
                     raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
                                     "run it again with these, or choose another --output-dir.")
             print(f"compare: {method} seed {seed} -> {out}")
-            run(wanted)
+            run(wanted, train, test, sample_submission)
             rows.append(result_row(out / "metrics.json")[0])
-    results = with_changed_labels(root, pd.DataFrame(rows), "baseline" if "baseline" in methods else methods[0])
+    reference = "baseline" if "baseline" in methods else methods[0]
+    results = with_changed_labels(root, pd.DataFrame(rows), reference)
     atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
-    header = (f"# advtrain comparison\n\nmodel `{shown}`, "
-              f"{cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, attack from {cfg.adv_start}, "
-              f"evaluation every {cfg.eval_every} epoch, threshold {cfg.threshold}, split {cfg.split}, "
-              f"seeds {', '.join(map(str, seeds))}.\n")
-    text = results_markdown(results, "baseline" if "baseline" in methods else methods[0], header)
+    header = (f"# advtrain comparison\n\nmodel `{shown}`, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
+              f"attack from {cfg.adv_start}, evaluation every {cfg.eval_every} epoch, metric "
+              f"{results['metric'].iloc[0]}, split {cfg.split}, seeds {', '.join(map(str, seeds))}.\n")
+    text = results_markdown(results, reference, header)
     if ensemble:
-        _, order = load_test(find_data_dir(cfg.data_dir, needs="test.csv"))
         runs = [run_dir_name(m, s) for m in ensemble for s in seeds]
-        info = ensemble_submission(root, runs, order, root / "ensemble_submission.csv")
+        info = ensemble_submission(root, runs, root / "ensemble_submission.csv")
+        apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
+                 if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
+                 "(mean absolute difference of their test predictions)")
         text += (f"\nEnsemble of {', '.join(ensemble)} over {len(seeds)} seed(s) ({len(runs)} runs): "
-                 f"ensemble_submission.csv; runs disagree on {100 * info['mean_pairwise_disagreement']:.1f}% "
-                 "of test tweets on average.\n")
+                 f"ensemble_submission.csv; {apart}.\n")
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text))
     plot_results(root, results)
     print(text)
@@ -2265,14 +3016,24 @@ def make_tiny_model(folder, arch: str = "deberta-v2", texts=None, hidden: int = 
 
 
 def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
-    """The whole pipeline offline in about a minute on a CPU: synthetic tweets, a tiny DeBERTa-v2."""
+    """The whole pipeline offline in about a minute on a CPU: synthetic tweets, a tiny DeBERTa-v2.
+    It replaces an earlier demo's files in output_dir, and any other run's only with overwrite=True."""
     with tempfile.TemporaryDirectory(prefix="advtrain-demo-") as tmp:
         data = make_demo_data(Path(tmp, "data"))
         model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
-        settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, overwrite=True, epochs=3,
-                        batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, save_model=False)
+        settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, epochs=3,
+                        batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, save_model=False,
+                        overwrite=_is_demo_output(Path(output_dir)))
         preset = PRESETS.get(overrides.get("preset", ""), {})  # a preset wins over the demo's own sizes
         return run(Config(**{**{k: v for k, v in settings.items() if k not in preset}, **overrides}))
+
+
+def _is_demo_output(folder: Path) -> bool:
+    """Whether folder holds only an earlier demo's results (its metrics.json names a demo's data folder)."""
+    try:
+        return "advtrain-demo-" in json.loads((folder / "metrics.json").read_text())["data"]["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2280,9 +3041,12 @@ def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None):
-    """One flag per Config field. Flags default to 'not given', so a preset can fill what the user left out."""
+def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = None, only=None):
+    """One flag per Config field (or per field in `only`). Flags default to 'not given', so a preset can
+    fill what the user left out."""
     for f in dataclasses.fields(Config):
+        if only is not None and f.name not in only:
+            continue
         default = (defaults or {}).get(f.name, f.default)
         kwargs = {"default": argparse.SUPPRESS, "help": f"{f.metadata['help']} (default: {default!r})"}
         if isinstance(f.default, bool):
@@ -2337,9 +3101,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
     comp.add_argument("--ensemble", default="", help="methods whose runs to average into ensemble_submission.csv")
     add_config_flags(comp, {"output_dir": "submissions/compare"})
-    check = sub.add_parser("check-submission", help="validate a submission file against the test ids")
+    check = sub.add_parser("check-submission", help="validate a submission file against the competition's "
+                           "sample submission, test ids and targets")
     check.add_argument("file")
-    check.add_argument("--data-dir", default="", help="competition folder (default: as for train)")
+    add_config_flags(check, only=("competition", "data_dir", "train", "test", "sample_submission", "text_cols",
+                                  "target_cols", "id_col", "task", "metric"))
     return parser
 
 
@@ -2373,6 +3139,9 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             demo(**{k: v for k, v in vars(args).items() if k != "command"})
         elif args.command == "compare":
+            if "method" in vars(args):
+                raise UserError("compare runs every method of --methods (comma-separated, e.g. --methods "
+                                "baseline,fgm); --method is for train.")
             cfg = config_from_args(args, {"output_dir": "submissions/compare"})
             seeds = [s for s in args.seeds.split(",") if s]
             if not all(s.strip().lstrip("-").isdigit() for s in seeds):
@@ -2380,10 +3149,8 @@ def main(argv=None) -> int:
             compare(cfg, [m for m in args.methods.split(",") if m], seeds,
                     [m for m in args.ensemble.split(",") if m] or None)
         elif args.command == "check-submission":
-            _, order = load_test(find_data_dir(args.data_dir, needs="test.csv"))
-            path = Path(args.file)
-            check_submission(read_submission(path), order, str(path))
-            print(f"{path}: OK ({len(order)} rows, each test id once, targets 0/1)")
+            path = Path(args.file).expanduser()
+            print(check_submission_file(config_from_args(args), path))
     except UserError as e:
         print(f"advtrain: error: {e}", file=sys.stderr)
         return 2

@@ -21,11 +21,11 @@ import transformers
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from advtrain import (METHODS, Classifier, Collator, Config, UserError, atomic_write, build_optimizer,  # noqa: E402
-                      build_scheduler, compile_blocks, describe_device, find_data_dir, load_competition,
+from advtrain import (DISASTER_TWEETS, METHODS, Classifier, Collator, Config, UserError, atomic_write, build_optimizer,  # noqa: E402
+                      build_scheduler, compile_blocks, describe_device, load_competition,
                       load_tokenizer, make_attack, make_demo_data, make_loader, make_tiny_model, micro_step,
                       model_max_len, optimizer_step, predict_proba, resolve_amp, resolve_device,
-                      resolve_model, seed_everything, tokenize, versions, write_json, write_submission)
+                      resolve_model, tokenize, versions, write_json, write_submission)
 
 
 # microsoft/deberta-v3-xsmall's config.json, so that its architecture can be timed without a download.
@@ -40,8 +40,8 @@ DEBERTA_V3_XSMALL = dict(
 def bench_texts(data_dir: str = ""):
     """(training texts, test texts, where they came from): the competition's if present, else synthetic."""
     try:
-        train, test, _ = load_competition(find_data_dir(data_dir))
-        return train["text"].tolist(), test["text"].tolist(), "competition files"
+        data = load_competition(Config(data_dir=data_dir))
+        return data["train"]["text"].tolist(), data["test"]["text"].tolist(), "competition files"
     except UserError:
         folder = make_demo_data(Path(tempfile.mkdtemp(prefix="advtrain-bench-")), n_train=4613, n_test=3263)
         return (pd.read_csv(folder / "train.csv")["text"].tolist(), pd.read_csv(folder / "test.csv")["text"].tolist(),
@@ -115,7 +115,7 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
     rows += [(f"kit {m}", Config(method=m, **kit)) for m in ["baseline"] + [m for m in methods if m != "baseline"]]
     state = []
     for name, cfg in rows:
-        seed_everything(0)
+        transformers.set_seed(0)
         model_copy = copy.deepcopy(base).to(dev)
         optimizer = build_optimizer(model_copy, cfg, dev)
         scheduler = build_scheduler(optimizer, "constant", 0, 1)
@@ -164,7 +164,8 @@ def bench(model: str = "deberta-v3-xsmall", steps: int = 30, warmup: int = 5, ro
     ids = np.arange(len(test_ids))
     with tempfile.TemporaryDirectory() as tmp:
         predict_proba(predictor["model"], test_ids, 128, pad_id, dev, predictor["amp"])
-        write_submission(Path(tmp) / "submission.csv", ids, probs.argmax(1), ids)
+        write_submission(Path(tmp) / "submission.csv", DISASTER_TWEETS, ids.astype(str), probs, "id",
+                         {"target": "target"})
     submission_seconds = time.perf_counter() - start
 
     kit_base = state[2]  # "kit baseline": every attack's step is compared with it

@@ -231,6 +231,11 @@ def _config_init(self, *args, **kwargs):
 Config.__init__ = _config_init
 
 
+def _field_type(f: dataclasses.Field) -> type:
+    """The Python type of a Config field, from its annotation (1500 is a valid default of a float field)."""
+    return {"int": int, "float": float, "str": str, "bool": bool}[str(f.type)]
+
+
 def given_settings(cfg: Config) -> dict:
     """The settings the caller of Config gave, to build another Config on top of them."""
     return {name: getattr(cfg, name) for name in cfg._explicit}
@@ -280,7 +285,7 @@ def env_overrides(cfg: Config, environ=None) -> Config:
         raw = environ.get(f"ADVTRAIN_{f.name.upper()}")
         if raw is None:
             continue
-        kind = type(f.default)
+        kind = _field_type(f)
         if kind is bool:
             if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                 raise UserError(f"ADVTRAIN_{f.name.upper()}={raw!r}: use 1/0, true/false or yes/no.")
@@ -304,7 +309,7 @@ NAMES = {"train": ("train.csv", "train.tsv"), "test": ("test.csv", "test.tsv"),
 
 def find_file(folder: Path, role: str) -> Path | None:
     """The competition file of a role (train, test, sample_submission) in folder, under any of its usual names."""
-    return next((folder / n for n in NAMES[role] if (folder / n).is_file()), None)
+    return next((folder / n for n in NAMES[role] if (folder / n).exists()), None)
 
 
 def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "nlp-getting-started") -> Path:
@@ -613,8 +618,9 @@ def metric_value(name: str, task: Task, y: np.ndarray, pred: np.ndarray, thresho
         if name == "f1":
             return float(sk.f1_score(y, labels, average="binary" if task.kind == "binary" else "macro",
                                      zero_division=0))
-        if name == "logloss":
-            return float(sk.log_loss(y, np.clip(pred, 1e-15, 1 - 1e-15), labels=list(range(len(task.classes)))))
+        if name == "logloss":  # as Kaggle scores it: clipped, then each row rescaled to sum to 1
+            clipped = np.clip(pred, 1e-15, 1 - 1e-15)
+            return float(sk.log_loss(y, clipped / clipped.sum(1, keepdims=True), labels=list(range(len(task.classes)))))
         if name == "qwk":
             return float(sk.cohen_kappa_score(y, labels, weights="quadratic"))
         if name == "auc":
@@ -693,9 +699,10 @@ def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
     for role, df, cols in (("train", train, needed + cfg.target_cols), ("test", test, [id_col] + needed)):
         missing = [c for c in cols if c not in df.columns]
         if missing:
+            hint = " It looks separated by ';': save it with commas." if ";" in "".join(map(str, df.columns)) else ""
             raise UserError(f"{where[role]} lacks column(s) {', '.join(missing)}: its columns are "
                             f"{', '.join(map(str, df.columns))}; name yours with --text-cols, --target-cols and "
-                            "--id-col.")
+                            f"--id-col.{hint}")
     check_ids(test, id_col, where["test"])
     if id_col in train.columns:
         check_ids(train, id_col, where["train"])
@@ -744,7 +751,7 @@ def holdout_split(n: int, seed: int, holdout_size: float = 1500, valid_size: flo
     With groups, whole groups are shuffled and dealt out in turn, so that no group is on two sides."""
     n_hold, n_valid = _rows(holdout_size, n), _rows(valid_size, n)
     if n_hold < 1 or n_valid < 1 or n_hold + n_valid >= n:
-        raise UserError(f"train has {n} rows: --holdout-size {holdout_size} + --valid-size {valid_size} leave none "
+        raise UserError(f"train has {n} rows: --holdout-size {holdout_size:g} + --valid-size {valid_size:g} leave none "
                         "to train on (or none to evaluate); lower them (0.2 is a fifth), or use --split kfold.")
     if groups is None:
         order = pd.RangeIndex(n).to_series().sample(frac=1, random_state=seed).to_numpy()
@@ -3052,7 +3059,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: dict | None = No
         if isinstance(f.default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            kwargs["type"] = {"int": int, "float": float, "str": str}[type(f.default).__name__]
+            kwargs["type"] = _field_type(f)
             if f.metadata.get("choices"):
                 kwargs["choices"] = f.metadata["choices"]
         parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
@@ -3063,7 +3070,8 @@ def config_to_argv(cfg: Config) -> list[str]:
     argv = []
     for f in dataclasses.fields(Config):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+        text = ",".join(value) if isinstance(value, list) else str(value)
+        argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, text]
     return argv
 
 

@@ -33,26 +33,37 @@ def test_paired_interval_uses_the_exact_t_quantile(n, quantile):
 def test_summary_on_a_hand_made_results_table():
     results = pd.DataFrame({
         "method": ["baseline"] * 3 + ["fgm"] * 3 + ["awp"] * 3,
-        "seed": [1, 2, 3] * 3,
+        "seed": [1, 2, 3] * 3, "metric": "f1", "higher_is_better": True,
         "valid_best": [0.80, 0.81, 0.82, 0.81, 0.82, 0.83, 0.80, 0.80, 0.80],
-        "holdout_accuracy": [0.80, 0.80, 0.80, 0.81, 0.81, 0.81, 0.80, 0.79, 0.81],
-        "holdout_f1": [0.70, 0.72, 0.74, 0.72, 0.75, 0.77, 0.69, 0.73, 0.73],
-        "holdout_f1_argmax": [0.70, 0.71, 0.74, 0.72, 0.74, 0.77, 0.69, 0.73, 0.72],
+        "score": [0.70, 0.72, 0.74, 0.72, 0.75, 0.77, 0.69, 0.73, 0.73],
         "attack_seen": [False] * 3 + [True, True, False] + [True] * 3,
+        "labels_changed": [np.nan] * 3 + [0.1, 0.2, 0.3] + [0.05] * 3,
     })
     summary, diffs = advtrain.summarize(results)
-    assert summary.loc["fgm", ("holdout_f1", "mean")] == pytest.approx(2.24 / 3)
-    assert summary.loc["baseline", ("holdout_f1", "std")] == pytest.approx(0.02)
+    assert summary.loc["fgm", ("score", "mean")] == pytest.approx(2.24 / 3)
+    assert summary.loc["baseline", ("score", "std")] == pytest.approx(0.02)
     fgm = diffs.set_index("method").loc["fgm"]
     # paired F1 differences: 0.02, 0.03, 0.03 -> mean 0.02667, sd 0.005774
-    assert fgm["holdout_f1_diff"] == pytest.approx(0.08 / 3)
-    assert fgm["holdout_f1_lo"] == pytest.approx(0.0266667 - 4.303 * 0.0057735 / np.sqrt(3), rel=1e-4)
+    assert fgm["diff"] == pytest.approx(0.08 / 3) and fgm["gain"] == pytest.approx(0.08 / 3)
+    assert fgm["lo"] == pytest.approx(0.0266667 - 4.303 * 0.0057735 / np.sqrt(3), rel=1e-4)
     text = advtrain.results_markdown(results)
-    assert ("fgm vs baseline: +2.67 holdout F1 points (95% CI +1.23 to +4.10, 3 seeds): distinguishable from zero."
-            in text)
-    assert "awp vs baseline: -0.33 holdout F1 points" in text and "not distinguishable from zero" in text
-    assert "| fgm | 3 | 2/3 | n/a | 0.8200 ± 0.0100 | 0.8100 ± 0.0000 | 0.7433 ± 0.0252 | 0.7467 ± 0.0252 |" in text
+    assert ("fgm vs baseline: +0.0267 f1 (95% CI +0.0123 to +0.0410, 3 seeds; higher is better): better, "
+            "distinguishable from zero." in text)
+    assert "awp vs baseline: -0.0033 f1" in text and "not distinguishable from zero" in text
+    assert "| fgm | 3 | 2/3 | 20.0% (min 10.0%) | 0.8200 ± 0.0100 | 0.7467 ± 0.0252 |" in text
     assert "| baseline | 3 | n/a | n/a |" in text and "| awp | 3 | 3/3 |" in text
+
+
+def test_a_lower_rmse_is_a_gain():
+    results = pd.DataFrame({"method": ["baseline"] * 3 + ["awp"] * 3, "seed": [1, 2, 3] * 2, "metric": "rmse",
+                            "higher_is_better": False, "valid_best": 0.5, "attack_seen": [False] * 3 + [True] * 3,
+                            "score": [0.60, 0.62, 0.61, 0.55, 0.58, 0.56], "labels_changed": np.nan})
+    awp = advtrain.summarize(results)[1].set_index("method").loc["awp"]
+    assert awp["diff"] == pytest.approx(-0.04666667) and awp["gain"] == pytest.approx(0.04666667)
+    assert awp["gain_lo"] > 0
+    text = advtrain.results_markdown(results)
+    assert "awp vs baseline: -0.0467 rmse" in text and "lower is better): better, distinguishable" in text
+    assert "| awp | 3 | 3/3 | n/a |" in text
 
 
 def compare_args(data_dir, model_dir, out, *extra):
@@ -74,16 +85,16 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     text = (out / "results.md").read_text()
     for method in ("baseline", "fgm"):
         rows = results[results["method"] == method]
-        cell = f"{rows['holdout_f1'].mean():.4f} ± {rows['holdout_f1'].std():.4f}"
+        cell = f"{rows['score'].mean():.4f} ± {rows['score'].std():.4f}"
         assert f"| {method} | 2 |" in text and cell in text
     fgm = results[results["method"] == "fgm"].iloc[0]
     mine = pd.read_csv(out / "fgm-seed1" / "submission.csv")["target"]
     theirs = pd.read_csv(out / "baseline-seed1" / "submission.csv")["target"]
     assert fgm["labels_changed"] == pytest.approx((mine != theirs).mean())
-    diff = (results[results.method == "fgm"].set_index("seed")["holdout_f1"]
-            - results[results.method == "baseline"].set_index("seed")["holdout_f1"]).mean()
-    assert f"| fgm | 2 | {100 * diff:+.2f} |" in text
-    for png in ("valid_f1.png", "holdout_f1.png"):
+    diff = (results[results.method == "fgm"].set_index("seed")["score"]
+            - results[results.method == "baseline"].set_index("seed")["score"]).mean()
+    assert f"| fgm | 2 | {diff:+.4f} |" in text
+    for png in ("valid.png", "score.png"):
         width, height = png_size(out / png)
         assert width >= 600 and height >= 400 and (out / png).stat().st_size > 10_000
     sub = pd.read_csv(out / "ensemble_submission.csv")
@@ -91,7 +102,7 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     assert "Ensemble of baseline, fgm" in text
 
     # A second call runs nothing and rebuilds the same table; a lost table is rebuilt from the runs.
-    monkeypatch.setattr(advtrain, "run", lambda cfg: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: pytest.fail("a finished run was run again"))
     (out / "results.md").unlink()
     assert advtrain.main(args) == 0
     assert (out / "results.md").read_text() == text
@@ -104,7 +115,7 @@ def test_compare_reruns_only_what_did_not_finish(data_dir, model_dirs, tmp_path,
     (out / "fgm-seed2" / "metrics.json").unlink()  # as if that run had crashed
     ran = []
     real_run = advtrain.run
-    monkeypatch.setattr(advtrain, "run", lambda cfg: (ran.append((cfg.method, cfg.seed)), real_run(cfg))[1])
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: (ran.append((cfg.method, cfg.seed)), real_run(cfg, *a))[1])
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
     assert ran == [("fgm", 2)]
 
@@ -118,7 +129,7 @@ def test_compare_rejects_unknown_methods(capsys):
 def test_compare_refuses_a_finished_run_made_with_other_settings(data_dir, model_dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
-    monkeypatch.setattr(advtrain, "run", lambda cfg: pytest.fail("ran before refusing"))
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: pytest.fail("ran before refusing"))
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out) + ["--lr", "1e-4"]) == 2
     err = capsys.readouterr().err
     assert "was run with other settings (lr)" in err and "--overwrite" in err
@@ -151,4 +162,4 @@ def test_compare_names_a_broken_metrics_json(data_dir, model_dirs, tmp_path, cap
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
     (out / "fgm-seed1" / "metrics.json").write_text('{"config": ')
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 2
-    assert "fgm-seed1/metrics.json is not a metrics.json of advtrain" in capsys.readouterr().err
+    assert "fgm-seed1/metrics.json is not a metrics.json of this advtrain version" in capsys.readouterr().err

@@ -22,8 +22,8 @@ BAD_INPUTS = {
     "empty file": (dict(train=""), "train.csv is empty"),
     "header only": (dict(train="id,text,target\n"), "train.csv has a header but no rows"),
     "duplicate ids": (dict(train="id,text,target\n1,a,0\n1,b,1\n"), "train.csv has 1 duplicate id(s)"),
-    "bad label": (dict(train="id,text,target\n1,a,0\n2,b,2\n"), "target must be 0 or 1"),
-    "text label": (dict(train="id,text,target\n1,a,yes\n2,b,1\n"), "target must be 0 or 1"),
+    "bad label": (dict(train="id,text,target\n1,a,0\n2,b,2\n"), "target must be 0 or 1 for task binary"),
+    "text label": (dict(train="id,text,target\n1,a,yes\n2,b,1\n"), "target must be 0 or 1 for task binary"),
     "not utf-8": (dict(train=b"id,text,target\n1,caf\xe9 \xff,0\n"), "train.csv is not UTF-8 text"),
     "test lacks text": (dict(test="id,keyword\n1,a\n"), "test.csv lacks column(s) text"),
     "sample ids differ": (dict(sample="id,target\n10,0\n99,0\n"), "list different ids"),
@@ -32,16 +32,26 @@ BAD_INPUTS = {
     "utf-8 offset": (dict(train=b"id,text,target\n1,abcdefghijklmnopqrstuvwxyz,0\n2,caf\xe9,1\n"),
                      "byte 0xe9 at byte offset 51"),
     "duplicate id shown plainly": (dict(train="id,text,target\n7,a,0\n7,b,1\n"), "e.g. 7: ids must be unique"),
-    "too few rows": (dict(), "train.csv has 2 rows: --holdout-size 1500 + --valid-size 1500 leave none"),
+    "too few rows": (dict(), "train has 2 rows: --holdout-size 1500 + --valid-size 1500 leave none"),
+    "missing id column": (dict(test="ident,text\n1,a\n"), "test.csv lacks column(s) id: its columns are ident, text"),
+    "empty target": (dict(train="id,text,target\n1,a,\n2,b,1\n"), "1 row(s) have no target (line 2)"),
+    "duplicated column": (dict(train="id,text,target,target\n1,a,0,1\n"), "has the column 'target' more than once"),
+    "excel": (dict(train=b"PK\x03\x04" + b"[Content_Types].xml xl/workbook.xml"), "is an Excel workbook, not a CSV"),
+    "folder": (dict(train=None), "is a folder, not a file"),
+    "semicolons and commas": (dict(train="id;text;target\n1;a, b, c;0\n2;d;1\n"), "It looks separated by ';'"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_gives_one_clear_line_and_exit_2(case, tmp_path, capsys):
     files, message = BAD_INPUTS[case]
-    folder = write(tmp_path / "d", **files)
+    folder = write(tmp_path / "d", **{k: v for k, v in files.items() if v is not None})
+    if case == "folder":
+        (folder / "train.csv").unlink()
+        (folder / "train.csv").mkdir()
+    task = ["--task", "binary"] if "label" in case else []
     code = advtrain.main(["train", "--data-dir", str(folder), "--output-dir", str(tmp_path / "o"),
-                          "--model", "unused", "--no-progress"])
+                          "--model", "unused", "--no-progress", *task])
     err = capsys.readouterr().err
     assert code == 2
     assert message in err, err
@@ -53,21 +63,24 @@ def test_missing_data_dir_names_the_fix(tmp_path, capsys):
     assert "make data" in capsys.readouterr().err
 
 
-def test_nan_text_becomes_empty_and_keyword_is_prepended(tmp_path):
-    folder = write(tmp_path, train="id,keyword,text,target\n1,wild%20fires,,1\n2,,hello,0\n")
-    train, test, order = advtrain.load_competition(folder, use_keyword=True)
-    assert train["text"].tolist() == ["wild fires: ", "hello"]
-    assert order.tolist() == ["10", "11"]
+def test_empty_text_stays_empty_words_like_na_stay_text_and_keyword_is_prepended(tmp_path):
+    folder = write(tmp_path, train="id,keyword,text,target\n1,wild%20fires,,1\n2,,hello,0\n3,,NA,0\n4,,None,1\n"
+                                   "5,,null,0\n6,,N/A,1\n7,,nan,0\n")
+    data = advtrain.load_competition(advtrain.Config(data_dir=str(folder), use_keyword=True))
+    first, second = advtrain.input_texts(data["train"], advtrain.Config(use_keyword=True), "[SEP]")
+    assert first == ["wild fires: ", "hello", "NA", "None", "null", "N/A", "nan"] and second is None
+    assert data["order"].tolist() == ["10", "11"]
 
 
 def test_sample_submission_order_wins(tmp_path):
     folder = write(tmp_path, sample="id,target\n11,0\n10,0\n")
-    assert advtrain.load_competition(folder)[2].tolist() == ["11", "10"]
+    assert advtrain.load_competition(advtrain.Config(data_dir=str(folder)))["order"].tolist() == ["11", "10"]
 
 
 def test_find_data_dir_prefers_explicit_then_local(tmp_path, monkeypatch):
     write(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(advtrain, "KAGGLE_INPUT", tmp_path / "no-kaggle")
     assert str(advtrain.find_data_dir("")) == "data"
     explicit = write(tmp_path / "elsewhere")
     assert advtrain.find_data_dir(str(explicit)) == explicit
@@ -126,9 +139,9 @@ def test_length_grouped_batches_cover_everything_once_and_cut_padding():
 
 
 def test_ids_stay_exactly_as_written(tmp_path):
-    folder = write(tmp_path, test="id,text\n00677,flood\n12,cake\n")
-    _, order = advtrain.load_test(folder)
-    assert order.tolist() == ["00677", "12"]
+    folder = write(tmp_path, test="id,text\n00677,flood\nNA,cake\n")
+    order = advtrain.load_competition(advtrain.Config(data_dir=str(folder)))["order"]
+    assert order.tolist() == ["00677", "NA"]
 
 
 @pytest.mark.parametrize("model,message", [("file", "is a file"), ("empty", "has no config.json"),

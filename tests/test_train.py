@@ -11,6 +11,7 @@ import torch
 
 import advtrain
 from conftest import ROOT, base_config
+from sklearn.metrics import f1_score
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,13 @@ def test_metrics_json_holds_the_contract(baseline_run):
     for key in ("config", "evaluations", "selected", "valid_best", "score", "attack_seen", "train_samples_per_s",
                 "eval_seconds", "device", "versions"):
         assert key in saved
-    assert saved["config"]["method"] == "baseline" and saved["config"]["max_len"] > 0
+    assert saved["config"]["method"] == "baseline" and saved["config"]["max_len"] == 0  # as given; used:
+    assert saved["data"]["max_len"] > 0
+    assert saved["score"]["metric"] == "f1" and saved["score"]["value"] == saved["score"]["tuned"]["f1"]
     assert {"epoch", "step", "valid_accuracy", "valid_f1", "train_loss", "attack_seen", "eval_seconds",
             "fold"} <= set(saved["evaluations"][0])
     assert {"torch", "transformers"} <= set(saved["versions"])
-    assert (out / "train.log").read_text().count("valid acc") == len(saved["evaluations"]) == 12
+    assert (out / "train.log").read_text().count("| valid f1 ") == len(saved["evaluations"]) == 12
     assert (out / "model.pt").is_file()
 
 
@@ -219,18 +222,18 @@ def test_evaluation_steps_fractions_and_step_counts():
 
 def test_the_checkpoint_is_chosen_among_mid_epoch_evaluations(data_dir, model_dirs, tmp_path, monkeypatch):
     scripted = iter([0.50, 0.90, 0.60, 0.70, 0.80, 0.85, 0.89, 0.88])  # best: the 2nd evaluation, mid epoch 1
-    real_metrics, real_predict, states = advtrain.binary_metrics, advtrain.predict_proba, []
+    real_metrics, real_predict, states = advtrain.Task.evaluate, advtrain.predict_proba, []
 
-    def metrics(y_true, y_pred):
+    def metrics(task, y_true, pred, threshold=0.5):
         score = next(scripted, None)
-        return real_metrics(y_true, y_pred) if score is None else {"accuracy": score, "f1": score}
+        return real_metrics(task, y_true, pred, threshold) if score is None else {"f1": score, "accuracy": score}
 
     def predict(model, ids, *args, **kwargs):
         if len(ids) == 90 and len(states) < 8:  # the validation set, during training
             states.append({k: v.clone() for k, v in model.state_dict().items()})
         return real_predict(model, ids, *args, **kwargs)
 
-    monkeypatch.setattr(advtrain, "binary_metrics", metrics)
+    monkeypatch.setattr(advtrain.Task, "evaluate", metrics)
     monkeypatch.setattr(advtrain, "predict_proba", predict)
     out = tmp_path / "mid"
     result = advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=2, valid_size=90, eval_every=0.25,
@@ -248,7 +251,7 @@ def test_the_checkpoint_is_chosen_among_mid_epoch_evaluations(data_dir, model_di
 def brute_force_best_f1(y, p):
     best = 0.0
     for t in np.concatenate([np.linspace(-0.01, 1.01, 2001), np.unique(p), np.unique(p) - 1e-9]):
-        best = max(best, advtrain.binary_metrics(y, (p > t).astype(int))["f1"])
+        best = max(best, f1_score(y, (p > t).astype(int), zero_division=0.0))
     return best
 
 
@@ -258,7 +261,7 @@ def test_threshold_search_matches_brute_force(seed):
     y = rng.integers(0, 2, 40)
     p = np.clip(0.3 * y + rng.normal(0.35, 0.2, 40), 0, 1).round(2)  # ties included
     t = advtrain.best_threshold(y, p)
-    assert advtrain.binary_metrics(y, (p > t).astype(int))["f1"] == pytest.approx(brute_force_best_f1(y, p))
+    assert f1_score(y, (p > t).astype(int), zero_division=0.0) == pytest.approx(brute_force_best_f1(y, p))
     assert 0 <= t <= 1
 
 
@@ -279,7 +282,7 @@ def test_threshold_setting_reaches_the_submission(data_dir, model_dirs, tmp_path
 
 def test_last_partial_accumulation_group_has_full_weight(data_dir, model_dirs, tmp_path, monkeypatch):
     seen, real = [], advtrain.micro_step
-    monkeypatch.setattr(advtrain, "micro_step", lambda *a: (seen.append(a[-1]), real(*a))[1])
+    monkeypatch.setattr(advtrain, "micro_step", lambda *a: (seen.append(a[7]), real(*a))[1])
     advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "acc", epochs=1, batch_size=120, grad_accum=2,
                              eval_every=1.0))
     assert seen == [2, 2, 2, 2, 2, 2, 1]  # 800 rows / 120 = 7 micro-batches: the 7th is a group of its own
@@ -300,8 +303,10 @@ def test_presets_apply_through_the_python_api_and_explicit_settings_win(data_dir
     (dict(dropout=1.5), "dropout is a probability"), (dict(seed=-1), "seed must not be negative"),
     (dict(num_workers=-1), "num_workers must not be negative"), (dict(max_len=-5), "max_len must not be negative"),
     (dict(device="foo"), "device must be auto, cpu, cuda"), (dict(device="mps"), "device must be"),
-    (dict(holdout_size=0), "holdout_size and valid_size must be at least 1"),
-    (dict(holdout_size=-5), "holdout_size and valid_size"), (dict(fgm_eps=float("nan")), "fgm_eps must be a finite"),
+    (dict(holdout_size=0), "holdout_size is a number of rows"), (dict(valid_size=2.5), "valid_size is a number"),
+    (dict(holdout_size=-5), "holdout_size is a number of rows"), (dict(seed=2**32), "seed must be below 2"),
+    (dict(eval_every=1e-9), "eval_every is a fraction of an epoch in \\[0.01, 1\\]"),
+    (dict(max_len=1), "max_len 1 leaves no room for text"), (dict(fgm_eps=float("nan")), "fgm_eps must be a finite"),
     (dict(eval_every=0), "eval_every"), (dict(eval_every=2.5), "eval_every"), (dict(threshold="1.5"), "threshold"),
 ])
 def test_every_setting_is_checked_when_the_config_is_built(setting, message):
@@ -383,16 +388,19 @@ def test_scheduler_warms_up_linearly_then_decays_as_named(kind):
     np.testing.assert_allclose(after, expected, atol=1e-12)
 
 
-def test_binary_metrics_match_scikit_learn():
-    from sklearn.metrics import accuracy_score, f1_score
-
+def test_binary_metrics_equal_the_hand_formulas_of_earlier_versions():
+    """F1 of the positive class, 2tp / (2tp + fp + fn) (0 without any positive), and accuracy: what the kit
+    computed by hand before it used scikit-learn, so Disaster Tweets scores do not move."""
     rng = np.random.default_rng(0)
+    task = advtrain.DISASTER_TWEETS
     for _ in range(20):
-        y, p = rng.integers(0, 2, 50), rng.integers(0, 2, 50)
-        got = advtrain.binary_metrics(y, p)
-        assert got["f1"] == pytest.approx(f1_score(y, p, zero_division=0.0))
-        assert got["accuracy"] == pytest.approx(accuracy_score(y, p))
-    assert advtrain.binary_metrics([0, 0], [0, 0])["f1"] == f1_score([0, 0], [0, 0], zero_division=0.0)
+        y, p1 = rng.integers(0, 2, 50), rng.random(50)
+        label = (p1 > 0.5).astype(int)
+        tp, fp, fn = [int(((label == a) & (y == b)).sum()) for a, b in ((1, 1), (1, 0), (0, 1))]
+        got = task.evaluate(y, np.stack([1 - p1, p1], 1))
+        assert got["f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        assert got["accuracy"] == pytest.approx((label == y).mean())
+    assert task.evaluate(np.array([0, 0]), np.array([[0.9, 0.1], [0.8, 0.2]]))["f1"] == 0.0
 
 
 def test_mean_pooling_averages_real_tokens_only(model_dirs):

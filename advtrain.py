@@ -30,14 +30,21 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
-import transformers
-from tqdm.auto import tqdm
+try:  # Ctrl-C while torch and transformers load (seconds): one line, not a traceback
+    import numpy as np
+    import pandas as pd
+    import torch
+    import torch.distributed as dist
+    import torch.nn as nn
+    import torch.nn.functional as F
+    import transformers
+    from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+except KeyboardInterrupt:
+    if __name__ != "__main__":
+        raise
+    print("advtrain: stopped by SIGINT while loading torch; nothing was written.", file=sys.stderr)
+    sys.exit(130)
 
 __version__ = "0.1.0"
 log = logging.getLogger("advtrain")
@@ -943,6 +950,12 @@ def resolve_model(name: str) -> str:
     if path.is_dir() and not (path / "config.json").is_file():
         raise UserError(f"--model {name} has no config.json: pass a folder saved with save_pretrained (config, "
                         "weights and tokenizer files).")
+    if path.is_dir():
+        try:
+            json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--model {name}: its config.json is not readable JSON ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0]}): save the model again with save_pretrained.") from None
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
     if looks_local and not path.is_dir():
         raise UserError(f"--model {name}: no such folder.")
@@ -1711,8 +1724,9 @@ def evaluation_steps(eval_every: float, steps_per_epoch: int, epochs: int) -> li
     if eval_every > 1:
         points = set(range(int(eval_every), total + 1, int(eval_every)))
     else:
-        count = min(math.ceil(1 / eval_every - 1e-9), steps_per_epoch)  # evaluations an epoch, at most one a step
-        within = {max(1, round(k * eval_every * steps_per_epoch)) for k in range(1, count)}
+        every = eval_every * steps_per_epoch
+        within = set(range(1, steps_per_epoch)) if every <= 1 else {  # at most one evaluation a step
+            round(k * every) for k in range(1, math.ceil(1 / eval_every - 1e-9))}
         points = {e * steps_per_epoch + s for e in range(epochs) for s in within if s < steps_per_epoch}
     return sorted(points | {e * steps_per_epoch for e in range(1, epochs + 1)})
 
@@ -2310,7 +2324,8 @@ def publish(stage: Path, out: Path) -> None:
 
 @contextlib.contextmanager
 def logging_to(logfile: Path | None, append: bool = False):
-    """Log lines go to stdout and to logfile for the duration of a run (nowhere when logfile is None)."""
+    """Log lines go to stdout and to logfile for the duration of a run (nowhere when logfile is None); on the
+    console through tqdm, so that a log line never lands inside a progress bar's line."""
     if logfile is None:
         handlers = [logging.NullHandler()]
     else:
@@ -2322,7 +2337,8 @@ def logging_to(logfile: Path | None, append: bool = False):
     for h in handlers:
         log.addHandler(h)
     try:
-        yield
+        with logging_redirect_tqdm(loggers=[log]):
+            yield
     finally:
         for h in handlers:
             log.removeHandler(h)

@@ -466,8 +466,10 @@ def submission_file(method: str, file: str) -> Path:
     for path in (ROOT / "submissions" / folder / name, ROOT / "submissions" / "kaggle" / folder / name):
         if path.is_file():
             return path
+    make = ("`make compare ARGS=\"--ensemble fgm,awp\"`" if method == "ensemble"
+            else f"`make train METHOD={method}`")
     raise KitError(f"no {name} for METHOD={method} in submissions/{folder}/ or submissions/kaggle/{folder}/: run "
-                   f"`make train METHOD={method}`, or fetch the kernel outputs with `make output`.")
+                   f"{make}, or fetch the kernel outputs with `make output`.")
 
 
 def cmd_submit(method: str, file: str, message: str) -> None:

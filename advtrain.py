@@ -131,7 +131,8 @@ class Config:
                              "many optimizer steps (> 1); the best evaluation's weights are kept")
     select_metric: str = _opt("", "validation metric that picks the best evaluation, in its own direction; "
                               "empty: the competition metric", ("",) + tuple(METRICS))
-    threshold: str = _opt("argmax", "binary F1 only: decision rule for label 1: argmax, auto = the probability threshold that "
+    threshold: str = _opt("argmax", "binary F1 only: decision rule for label 1: argmax, auto = the probability "
+                          "threshold that "
                           "maximises F1 on validation (out-of-fold for kfold), or a probability such as 0.4; "
                           "auto did not transfer to the holdout on the real files (RESULTS.md)")
     num_workers: int = _opt(0, "DataLoader worker processes")
@@ -362,7 +363,8 @@ def read_table(path: Path, required=()) -> pd.DataFrame:
         raise UserError(f"{path} is a gzip archive, not a CSV: unpack it first (gunzip; `make data` does).")
     if raw[:2] == b"PK":
         kind = "an Excel workbook" if b"xl/" in raw[:4096] or b"[Content_Types]" in raw[:4096] else "a zip archive"
-        fix = "save it as CSV (UTF-8) from Excel" if kind.startswith("an Excel") else "unpack it first (`make data` does)"
+        fix = ("save it as CSV (UTF-8) from Excel" if kind.startswith("an Excel")
+               else "unpack it first (`make data` does)")
         raise UserError(f"{path} is {kind}, not a CSV: {fix}.")
     try:
         text = raw.decode("utf-8")
@@ -595,8 +597,9 @@ class Task:
         """Why the first wrong cell of a submission column (as text) is wrong, or None."""
         if self.writes_labels and self.classes:
             bad = ~values.isin(self.classes)
-            rule = " or ".join(self.classes) if len(self.classes) <= 10 else f"one of train's {len(self.classes)} classes"
-            rule = f"{column} must be written {rule}"
+            many = f"one of train's {len(self.classes)} classes"
+            shown = " or ".join(self.classes) if len(self.classes) <= 10 else many
+            rule = f"{column} must be written {shown}"
         else:
             numbers = pd.to_numeric(values, errors="coerce").astype(float)
             bad, rule = ~np.isfinite(numbers), f"{column} must be a number"
@@ -2203,7 +2206,8 @@ def check_submission_file(cfg: Config, path: Path) -> str:
         data = load_competition(cfg)
         task, columns = data["task"], [data["id_header"], *data["columns"].values()]
         check_submission(sub, data["order"], str(path), task, columns)
-        what = f"{task.kind} {'labels' if task.writes_labels else 'values' if task.kind == 'regression' else 'probabilities'}"
+        values = "labels" if task.writes_labels else "values" if task.kind == "regression" else "probabilities"
+        what = f"{task.kind} {values}"
         return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}, {what} for {task.metric})"
     folder = find_data_dir(cfg.data_dir, "test", cfg.competition) if not cfg.test else None
     test = read_table(Path(cfg.test) if cfg.test else find_file(folder, "test"))

@@ -2,7 +2,6 @@
 checkpoint and never the run, every setting counts for --resume and compare, nothing earlier is replaced
 unasked, no hang, no traceback, and messages that say what is true."""
 import gzip
-import json
 import os
 import pickle
 import shutil

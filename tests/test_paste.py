@@ -194,7 +194,8 @@ def test_a_model_with_two_backbones_or_no_pad_id_is_refused_in_one_sentence(mode
             self.a, self.b = transformers.AutoModel.from_pretrained(path), transformers.AutoModel.from_pretrained(path)
 
     for method in ("fgm", "pgd", "freelb"):
-        with pytest.raises(ValueError, match=r"neither TwoTowers nor exactly one of its submodules defines it \(2 do\)"):
+        with pytest.raises(ValueError, match=r"neither TwoTowers nor exactly one of its submodules defines it "
+                                             r"\(2 do\)"):
             make_attack(method, TwoTowers(str(model_dirs["bert"])))
 
     class Bare(nn.Module):

@@ -391,5 +391,6 @@ def test_the_kits_loop_gives_sift_the_divergence_of_the_task(model_dirs):
     model = advtrain.Classifier.from_pretrained(str(model_dirs["bert"]), num_labels=2)
     for kind, divergence in (("regression", "mse"), ("multilabel", "binary-symmetric-kl"),
                              ("multiclass", "symmetric-kl")):
-        task = advtrain.Task(kind, ["a", "b"], advtrain.TASK_METRICS[kind][0], ["x", "y"] if kind == "multiclass" else [])
+        classes = ["x", "y"] if kind == "multiclass" else []
+        task = advtrain.Task(kind, ["a", "b"], advtrain.TASK_METRICS[kind][0], classes)
         assert advtrain.make_attack(advtrain.Config(method="sift"), model, task).divergence == divergence

@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -137,7 +138,8 @@ class Config:
                           "auto did not transfer to the holdout on the real files (RESULTS.md)")
     num_workers: int = _opt(0, "DataLoader worker processes")
     progress: bool = _opt(True, "show tqdm progress bars")
-    save_model: bool = _opt(True, "save the best weights to output_dir/model.pt")
+    save_model: bool = _opt(True, "save the selected model, self-contained (weights, config, tokenizer), to "
+                            "output_dir/model/ (model_fold<k>/ for kfold), for `predict`")
     # adversarial training: when it starts
     adv_start: str = _opt("warmup", "when the attack starts (the article's most important knob): warmup = when the "
                           "learning-rate warm-up ends, auto = at the first evaluation that does not improve on the "
@@ -683,40 +685,40 @@ DISASTER_TWEETS = Task("binary", ["target"], "f1", ["0", "1"])  # check_submissi
 # ---------------------------------------------------------------------------------------------
 
 
-def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
-    """The competition's tables (DataFrames given from Python win over files), checked: columns, ids,
-    targets and the sample submission. Returns train, test, the sample submission (or None), the id
-    column, the task, the submission's columns and the test ids in submission order."""
-    where = {}
+def read_tables(cfg: Config, roles=("train", "test", "sample_submission"), frames=None) -> tuple[dict, dict, Path]:
+    """The competition's tables of the given roles (DataFrames in frames win over files; cfg.train, cfg.test and
+    cfg.sample_submission name files; else the data folder), where each came from, and the data folder."""
+    frames = frames or {}
+    paths = {"train": cfg.train, "test": cfg.test, "sample_submission": cfg.sample_submission}
     folder = None
-    for role, given, path in (("train", train, cfg.train), ("test", test, cfg.test)):
-        if given is None and not path:
-            folder = folder or find_data_dir(cfg.data_dir, role, cfg.competition)
-    tables = {}
-    for role, given, path in (("train", train, cfg.train), ("test", test, cfg.test),
-                              ("sample_submission", sample, cfg.sample_submission)):
-        if given is not None:
-            tables[role], where[role] = given.astype(str).reset_index(drop=True), f"the {role} DataFrame"
+    if any(frames.get(r) is None and not paths[r] for r in roles if r != "sample_submission"):
+        folder = find_data_dir(cfg.data_dir, "train" if "train" in roles else "test", cfg.competition)
+    tables, where = {}, {}
+    for role in roles:
+        if frames.get(role) is not None:
+            tables[role], where[role] = frames[role].astype(str).reset_index(drop=True), f"the {role} DataFrame"
             continue
-        file = Path(path).expanduser() if path else find_file(folder, role) if folder else None
-        if file is None:
-            tables[role] = None
-            continue
-        tables[role], where[role] = read_table(file), str(file)
-    train, test, sample = tables["train"], tables["test"], tables["sample_submission"]
+        file = Path(paths[role]) if paths[role] else find_file(folder, role) if folder else None
+        tables[role], where[role] = (read_table(file), str(file)) if file is not None else (None, None)
+    return tables, where, folder
+
+
+def _require(df: pd.DataFrame, cols, where: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        hint = " It looks separated by ';': save it with commas." if ";" in "".join(map(str, df.columns)) else ""
+        raise UserError(f"{where} lacks column(s) {', '.join(missing)}: its columns are "
+                        f"{', '.join(map(str, df.columns))}; name yours with --text-cols, --target-cols and "
+                        f"--id-col.{hint}")
+
+
+def test_side(cfg: Config, task: Task, tables: dict, where: dict) -> dict:
+    """The test table checked against the task and the sample submission: the id column, the test ids in
+    submission order and the submission's layout (id header, {value column: sample column})."""
+    test, sample = tables["test"], tables["sample_submission"]
     id_col = cfg.id_col or (str(sample.columns[0]) if sample is not None else "id")
-    needed = cfg.text_cols + (["keyword"] if cfg.use_keyword else [])
-    for role, df, cols in (("train", train, needed + cfg.target_cols), ("test", test, [id_col] + needed)):
-        missing = [c for c in cols if c not in df.columns]
-        if missing:
-            hint = " It looks separated by ';': save it with commas." if ";" in "".join(map(str, df.columns)) else ""
-            raise UserError(f"{where[role]} lacks column(s) {', '.join(missing)}: its columns are "
-                            f"{', '.join(map(str, df.columns))}; name yours with --text-cols, --target-cols and "
-                            f"--id-col.{hint}")
+    _require(test, [id_col] + cfg.text_cols + (["keyword"] if cfg.use_keyword else []), where["test"])
     check_ids(test, id_col, where["test"])
-    if id_col in train.columns:
-        check_ids(train, id_col, where["train"])
-    task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, where["train"])
     order = test[id_col]
     if sample is not None:
         if set(sample.iloc[:, 0]) != set(test[id_col]):
@@ -726,13 +728,26 @@ def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
         columns = task.match_sample(sample.columns[1:], where["sample_submission"])
     else:
         columns = {c: c for c in task.value_columns()}
-    for role, df in (("train", train), ("test", test)):
+    return {"test": test, "sample": sample, "id_col": id_col, "columns": columns, "order": order.to_numpy(),
+            "id_header": str(sample.columns[0]) if sample is not None else id_col}
+
+
+def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
+    """The competition's tables (DataFrames given from Python win over files), checked: columns, ids,
+    targets and the sample submission. Returns train, test, the sample submission (or None), the id
+    column, the task, the submission's columns and the test ids in submission order."""
+    tables, where, folder = read_tables(cfg, frames={"train": train, "test": test, "sample_submission": sample})
+    train = tables["train"]
+    _require(train, cfg.text_cols + (["keyword"] if cfg.use_keyword else []) + cfg.target_cols, where["train"])
+    task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, where["train"])
+    side = test_side(cfg, task, tables, where)
+    if side["id_col"] in train.columns:
+        check_ids(train, side["id_col"], where["train"])
+    for role, df in (("train", train), ("test", side["test"])):
         n_empty = int(sum((df[c].str.strip() == "").sum() for c in cfg.text_cols))
         if n_empty:
             log.info(f"{role}: {n_empty} empty text(s)")
-    return {"train": train, "test": test, "sample": sample, "id_col": id_col, "task": task, "columns": columns,
-            "id_header": str(sample.columns[0]) if sample is not None else id_col, "order": order.to_numpy(),
-            "where": where, "dir": folder}
+    return {"train": train, "task": task, "where": where, "dir": folder, **side}
 
 
 def input_texts(df: pd.DataFrame, cfg: Config, sep_token: str | None):
@@ -2249,7 +2264,8 @@ def write_json(path: Path, obj) -> None:
 # succeeded; after a failure that folder keeps the log (with the error) and the last epoch's
 # checkpoint for --resume, and blocks nothing. output_dir/.advtrain.lock keeps two runs apart.
 STAGE, LOCK, CHECKPOINT = ".advtrain-run", ".advtrain.lock", "checkpoint.pt"
-RUN_FILES = ("submission.csv", "test_probs.csv", "oof.csv", "metrics.json", "train.log", "model.pt")
+RUN_FILES = ("submission.csv", "test_probs.csv", "oof.csv", "metrics.json", "train.log", "model", "model.pt")
+RUN_FORMAT = 1  # the layout of a saved model folder (advtrain.json's "format"); predict refuses any other
 
 
 def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path:
@@ -2308,21 +2324,23 @@ def output_lock(out: Path):
         lock.unlink(missing_ok=True)
 
 
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
 def publish(stage: Path, out: Path) -> None:
-    """Move a finished run's files from stage into out. The earlier metrics.json goes first and the new
-    one comes last, so a metrics.json always sits beside the files of its own run; files of an earlier
-    run that this one did not write (model.pt after --no-save-model) are removed."""
-    new = sorted((p.name for p in stage.iterdir() if p.is_file() and p.name != CHECKPOINT),
-                 key=lambda name: name == "metrics.json")
+    """Move a finished run's files and model folders from stage into out. The earlier metrics.json goes
+    first and the new one comes last, so a metrics.json always sits beside the files of its own run;
+    what an earlier run wrote and this one did not (a model after --no-save-model) is removed."""
+    new = sorted((p.name for p in stage.iterdir() if p.name != CHECKPOINT), key=lambda name: name == "metrics.json")
     (out / "metrics.json").unlink(missing_ok=True)
     for p in out.iterdir():
-        ours = p.name in RUN_FILES or (p.name.startswith("model_fold") and p.suffix == ".pt")
-        if p.is_file() and ours and p.name not in new:
-            p.unlink()
+        if (p.name in RUN_FILES or p.name.startswith("model_fold")) and (p.name not in new or p.is_dir()):
+            _remove(p)
     for name in new:
         os.replace(stage / name, out / name)
     for p in stage.iterdir():
-        p.unlink()
+        _remove(p)
     stage.rmdir()
 
 
@@ -2455,7 +2473,7 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
     if max_len < longest:
         train_ids = tokenize(tokenizer, texts[0], max_len, texts[1])
     test_texts = input_texts(data["test"], cfg, tokenizer.sep_token)
-    return {**data, "model_path": model_path, "train_ids": train_ids,
+    return {**data, "model_path": model_path, "tokenizer": tokenizer, "train_ids": train_ids,
             "test_ids": tokenize(tokenizer, test_texts[0], max_len, test_texts[1]),
             "targets": task.encode(train_df), "groups": groups, "max_len": max_len, "longest": longest,
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
@@ -2547,7 +2565,8 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
                                                        data["pad_id"], device, amp_dtype, activate), k))
         test = predict_proba(model, data["test_ids"], cfg.eval_batch_size, data["pad_id"], device, amp_dtype, activate)
         if cfg.save_model and rank() == 0:
-            save_model(model, out / ("model.pt" if len(folds) == 1 else f"model_fold{k}.pt"))
+            save_model(model, data["tokenizer"], out / ("model" if len(folds) == 1 else f"model_fold{k}"),
+                       {"pooling": cfg.pooling, "dropout": cfg.dropout, "fold": k, "max_len": data["max_len"]})
         completed.append({"result": result, "parts": parts, "test": test})
         checkpoint(None)
         del model
@@ -2572,12 +2591,22 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     return saved
 
 
-def save_model(model: nn.Module, path: Path) -> None:
-    """model.pt; a full disk costs the model file, never the submission (written with the other outputs)."""
+def save_model(model: "Classifier", tokenizer, folder: Path, info: dict) -> None:
+    """A self-contained model folder: model.safetensors (the whole classifier), the backbone's config.json,
+    the tokenizer's files and advtrain.json (format, head and pooling), so that `predict` loads it with the
+    network off from wherever it is copied. A full disk costs the model folder (a warning), never the run."""
+    from safetensors.torch import save_model as save_weights
+
     try:
-        atomic_write(path, lambda tmp: torch.save(model.state_dict(), tmp))
+        folder.mkdir(parents=True, exist_ok=True)
+        model.backbone.config.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        save_weights(model, str(folder / "model.safetensors"))
+        write_json(folder / "advtrain.json", {"format": RUN_FORMAT, "advtrain": __version__,
+                                              "num_labels": model.head.out_features, **info})
     except (OSError, RuntimeError) as e:
-        log.warning(f"{path.name} not saved ({str(e).splitlines()[0]}): free some disk space, or pass "
+        shutil.rmtree(folder, ignore_errors=True)
+        log.warning(f"{folder.name}/ not saved ({str(e).splitlines()[0]}): free some disk space, or pass "
                     "--no-save-model; the submission and metrics are written all the same")
 
 
@@ -2684,6 +2713,121 @@ def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: 
     oof = pd.concat(frames, ignore_index=True)
     atomic_write(out / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
     write_json(out / "metrics.json", metrics)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Predict from saved runs: offline inference for code competitions
+# ---------------------------------------------------------------------------------------------
+
+
+def load_saved_model(folder: Path):
+    """(classifier, tokenizer, advtrain.json) of a model folder written by save_model; local files only."""
+    from safetensors.torch import load_model as load_weights
+
+    try:
+        info = json.loads((folder / "advtrain.json").read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{folder} is not a model folder of advtrain (no readable advtrain.json): pass the run "
+                        "folders a training run wrote with --save-model.") from None
+    if info.get("format") != RUN_FORMAT:
+        raise UserError(f"{folder} was saved by advtrain {info.get('advtrain', '?')} in format {info.get('format')}, "
+                        f"this advtrain {__version__} reads format {RUN_FORMAT}: predict with the version that "
+                        "trained it, or train again.")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        model = Classifier(transformers.AutoModel.from_config(config), num_labels=info["num_labels"],
+                           pooling=info["pooling"], dropout=info["dropout"])
+        load_weights(model, str(folder / "model.safetensors"))
+    except Exception as e:  # noqa: BLE001 - a missing or damaged file, or weights of another model
+        raise UserError(f"{folder} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        "): its weights, config.json and advtrain.json must come from one training run.") from None
+    return model, load_tokenizer(str(folder)), info
+
+
+def saved_run(folder: Path) -> dict:
+    """What a run folder holds for prediction: its metrics.json (settings, task, submission layout,
+    threshold) and its model folders (one per fold)."""
+    folder = Path(folder).expanduser()
+    try:
+        metrics = json.loads((folder / "metrics.json").read_text())
+        task = Task(**metrics["task"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"{folder} is not a run folder of this advtrain version (no metrics.json with a task): pass "
+                        "the --output-dir of a training run.") from None
+    models = sorted(p for p in folder.iterdir() if p.is_dir() and (p.name == "model" or p.name.startswith(
+        "model_fold")))
+    if not models:
+        old = " (it holds model.pt, the bare weights of an older advtrain)" if (folder / "model.pt").exists() else ""
+        raise UserError(f"{folder} holds no saved model{old}: train with --save-model (the default) using this "
+                        "version.")
+    return {"dir": folder, "metrics": metrics, "task": task, "models": models}
+
+
+def _same_task(runs: list[dict]) -> None:
+    """Refuse runs whose predictions cannot be averaged: another task, targets, classes or metric."""
+    first = runs[0]
+    for other in runs[1:]:
+        for name in ("kind", "target_cols", "classes", "metric"):
+            a, b = getattr(first["task"], name), getattr(other["task"], name)
+            if a != b:
+                raise UserError(f"{other['dir']} was trained for another {name.replace('_', ' ')} ({b}) than "
+                                f"{first['dir']} ({a}): average only runs of one task.")
+
+
+def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", weights=None, batch_size: int = 0,
+            device: str = "auto", amp: str = "auto", overwrite: bool = False, progress: bool = True,
+            test: pd.DataFrame | None = None, sample_submission: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Predict the test file with every saved model of every run (each fold of each run), average the
+    probabilities or values (folds equally within a run, runs by `weights`), and write submission.csv and
+    test_probs.csv into output_dir exactly as `train` writes them. Needs no network: everything comes
+    from the run folders. Returns the submission."""
+    runs = [saved_run(Path(r)) for r in ([runs] if isinstance(runs, (str, Path)) else runs)]
+    if not runs:
+        raise UserError("predict needs at least one run folder (--runs DIR[,DIR...]).")
+    _same_task(runs)
+    weights = [1.0] * len(runs) if not weights else [float(w) for w in weights]
+    if len(weights) != len(runs) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--weights takes one non-negative number per run ({len(runs)}), not all zero; got {weights}.")
+    recorded = runs[0]["metrics"]["config"]
+    settings = {k: recorded[k] for k in ("text_cols", "target_cols", "id_col", "use_keyword", "competition")}
+    cfg = Config(**settings, data_dir=data_dir, output_dir=output_dir, overwrite=overwrite, device=device, amp=amp)
+    out = prepare_output_dir(cfg.output_dir, overwrite)
+    task = runs[0]["task"]
+    tables, where, _ = read_tables(cfg, ("test", "sample_submission"), {"test": test,
+                                                                         "sample_submission": sample_submission})
+    side = test_side(cfg, task, tables, where)
+    dev = resolve_device(device)
+    amp_dtype = resolve_amp(amp, dev)
+    total, started = np.zeros((len(side["test"]), task.num_outputs)), time.perf_counter()
+    n_models = sum(len(r["models"]) for r in runs)
+    bar = tqdm(total=n_models * len(side["test"]), desc="predict", unit="text", disable=not progress,
+               dynamic_ncols=True)
+    for run_info, weight in zip(runs, weights):
+        for folder in run_info["models"]:
+            model, tokenizer, info = load_saved_model(folder)
+            texts = input_texts(side["test"], cfg, tokenizer.sep_token)
+            ids = tokenize(tokenizer, texts[0], info["max_len"], texts[1])
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            size = batch_size or run_info["metrics"]["config"]["eval_batch_size"]
+            pred = predict_proba(model.to(dev), ids, size, pad_id, dev, amp_dtype, task.activate)
+            total += weight / sum(weights) / len(run_info["models"]) * pred.astype(np.float64)
+            bar.update(len(ids))
+            del model
+    bar.close()
+    seconds = time.perf_counter() - started
+    threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
+    position = pd.Series(np.arange(len(side["test"])), index=side["test"][side["id_col"]].to_numpy())
+    pred = total[position.loc[side["order"]].to_numpy()].astype(np.float32)
+    sub = write_submission(out / "submission.csv", task, side["order"], pred, side["id_header"], side["columns"],
+                           threshold)
+    probs = task.table(pred)
+    probs.insert(0, "id", side["order"])
+    atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
+    print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s) in {seconds:.1f} s, "
+          f"{n_models * len(side['test']) / max(seconds, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "
+          f"{out / 'submission.csv'} and {out / 'test_probs.csv'}")
+    return sub
 
 
 
@@ -3129,6 +3273,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
     comp.add_argument("--ensemble", default="", help="methods whose runs to average into ensemble_submission.csv")
     add_config_flags(comp, {"output_dir": "submissions/compare"})
+    pred = sub.add_parser("predict", help="predict the test file with saved runs (offline): average their models "
+                          "into submission.csv and test_probs.csv")
+    pred.add_argument("--runs", required=True, help="run folders, comma-separated (each fold of each run is used)")
+    pred.add_argument("--data-dir", default="", help="competition folder with the test file (default: as for train)")
+    pred.add_argument("--output-dir", default="submissions/predict", help="where to write (default: %(default)s)")
+    pred.add_argument("--weights", default="", help="one weight per run, comma-separated (default: equal)")
+    pred.add_argument("--batch-size", type=int, default=0, help="default: each run's eval batch size")
+    pred.add_argument("--device", default="auto", help="auto (cuda if present), cuda, cuda:1, cpu")
+    pred.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="as for train")
+    pred.add_argument("--overwrite", action="store_true", help="replace an earlier submission in --output-dir")
+    pred.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     check = sub.add_parser("check-submission", help="validate a submission file against the competition's "
                            "sample submission, test ids and targets")
     check.add_argument("file")
@@ -3176,6 +3331,12 @@ def main(argv=None) -> int:
                 raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}.")
             compare(cfg, [m for m in args.methods.split(",") if m], seeds,
                     [m for m in args.ensemble.split(",") if m] or None)
+        elif args.command == "predict":
+            weights = [w for w in args.weights.split(",") if w]
+            if not all(_is_number(w, minimum=0) for w in weights):
+                raise UserError(f"--weights takes comma-separated non-negative numbers, got {args.weights!r}.")
+            predict([r for r in args.runs.split(",") if r], args.data_dir, args.output_dir, weights or None,
+                    args.batch_size, args.device, args.amp, args.overwrite, args.progress)
         elif args.command == "check-submission":
             path = Path(args.file).expanduser()
             print(check_submission_file(config_from_args(args), path))

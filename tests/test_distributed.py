@@ -23,7 +23,7 @@ def test_torchrun_trains_every_method_and_writes_once(method, data_dir, model_di
                       save_model=True, eval_every=1.0)
     metrics = advtrain.launch(cfg, 2)
     assert metrics["world_size"] == 2 and metrics["evaluations"][0]["adv_steps"] > (0 if method != "baseline" else -1)
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model.pt", "oof.csv", "submission.csv",
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "model", "oof.csv", "submission.csv",
                                                      "test_probs.csv", "train.log"]
     sample = pd.read_csv(data_dir / "sample_submission.csv")
     advtrain.check_submission(pd.read_csv(out / "submission.csv"), sample["id"])  # every test id exactly once

@@ -42,7 +42,7 @@ def test_metrics_json_holds_the_contract(baseline_run):
             "fold"} <= set(saved["evaluations"][0])
     assert {"torch", "transformers"} <= set(saved["versions"])
     assert (out / "train.log").read_text().count("| valid f1 ") == len(saved["evaluations"]) == 12
-    assert (out / "model.pt").is_file()
+    assert (out / "model" / "model.safetensors").is_file() and (out / "model" / "advtrain.json").is_file()
 
 
 def test_submission_has_the_test_ids_in_order_and_integer_targets(baseline_run, data_dir):
@@ -243,7 +243,9 @@ def test_the_checkpoint_is_chosen_among_mid_epoch_evaluations(data_dir, model_di
     assert 0.4 < result["selected"][0]["epoch"] == result["evaluations"][1]["epoch"] < 0.6
     assert result["attack_seen"] is True
     assert [e["attack_seen"] for e in result["evaluations"]] == [False] + [True] * 7
-    saved = torch.load(out / "model.pt")
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "model" / "model.safetensors")
     assert all(torch.equal(saved[k], states[1][k]) for k in saved)
     assert "(valid f1 0.9000), after the attack started" in (out / "train.log").read_text()
 

@@ -6,10 +6,12 @@ METHOD ?= baseline
 METHODS ?= baseline,fgm,awp,sift
 SEEDS  ?= 42,43,44
 ARGS   ?=
+COMPETITION ?= nlp-getting-started
+DATA   := $(if $(filter nlp-getting-started,$(COMPETITION)),data,data/$(COMPETITION))
 # Without an NVIDIA driver, pin the CPU build of torch (a plain `pip install torch` pulls several GB of CUDA).
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-ci.txt)
 
-.PHONY: help setup demo test test-all lint train bench compare notebooks data push status output submit submissions
+.PHONY: help setup demo test test-all lint train predict bench compare notebooks data push status output submit submissions
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -33,28 +35,33 @@ test-all: setup  ## every test, the slow end-to-end ones too (torchrun, notebook
 lint: setup  ## ruff with the settings in pyproject.toml
 	$(BIN)/python -m ruff check advtrain.py tools tests
 
-train: setup  ## make train METHOD=awp ARGS="--epochs 3" -> submissions/$(METHOD)/
-	$(BIN)/python advtrain.py train --method $(METHOD) --output-dir submissions/$(METHOD) $(ARGS)
+train: setup  ## make train METHOD=awp ARGS="--epochs 3" [COMPETITION=slug] -> submissions/$(METHOD)/
+	$(BIN)/python advtrain.py train --method $(METHOD) --competition $(COMPETITION) --data-dir $(DATA) \
+		--output-dir submissions/$(METHOD) $(ARGS)
+
+predict: setup  ## make predict RUNS=submissions/awp,submissions/fgm -> submissions/predict/ (offline, saved runs)
+	$(BIN)/python advtrain.py predict --runs $(RUNS) --data-dir $(DATA) --output-dir submissions/predict --overwrite $(ARGS)
 
 bench: setup  ## speed table of every method and of the article's setup -> submissions/bench/
 	$(BIN)/python tools/bench.py $(ARGS)
 
 compare: setup  ## make compare METHODS=baseline,fgm SEEDS=42,43 ARGS="--epochs 2" -> submissions/compare/
-	$(BIN)/python advtrain.py compare --methods $(METHODS) --seeds $(SEEDS) $(ARGS)
+	$(BIN)/python advtrain.py compare --methods $(METHODS) --seeds $(SEEDS) --competition $(COMPETITION) \
+		--data-dir $(DATA) $(ARGS)
 
 # --- Kaggle round trip: `make setup` installs the kaggle CLI into .venv; credentials as the CLI accepts them ---
 KIT := $(BIN)/python tools/kaggle_kit.py
 METHODS_FROM := $(origin METHODS)
 SUBMIT_MESSAGE = $(value MSG)
-export METHODS METHODS_FROM METHOD FILE SUBMIT_MESSAGE FORCE GPU_SESSIONS
+export METHODS METHODS_FROM METHOD FILE SUBMIT_MESSAGE FORCE GPU_SESSIONS COMPETITION INFERENCE KERNEL VERSION
 
 notebooks:  ## regenerate notebooks/ from the templates in tools/kaggle_kit.py
 	$(PYTHON) tools/kaggle_kit.py notebooks
 
-data: setup  ## download and unzip the competition files into data/ (idempotent)
+data: setup  ## download and unzip the competition files into data/ (data/<slug>/ for COMPETITION=<slug>)
 	$(KIT) data
 
-push: setup  ## utility script, wait until COMPLETE, then the notebooks in waves of GPU_SESSIONS (2); METHODS=fgm,awp
+push: setup  ## utility script, then the notebooks in waves of GPU_SESSIONS (2); METHODS=fgm,awp; INFERENCE=1 adds the inference one
 	$(KIT) push
 
 status: setup  ## run status of every kernel, and the end of the log of a failed one
@@ -63,7 +70,7 @@ status: setup  ## run status of every kernel, and the end of the log of a failed
 output: setup  ## each finished kernel's submission, metrics, log, plots -> submissions/kaggle/<name>/ (FORCE=1 replaces)
 	$(KIT) output
 
-submit:  ## make submit METHOD=awp|ensemble or FILE=path [MSG="..."]: check the file, then submit it
+submit:  ## METHOD=awp|ensemble or FILE=path: check, then submit; KERNEL=slug [VERSION=N]: a code competition's notebook
 	$(PYTHON) tools/kaggle_kit.py submit-check
 	$(MAKE) --no-print-directory setup
 	$(KIT) submit

@@ -2211,31 +2211,30 @@ def write_submission(path: Path, task: Task, ids, pred: np.ndarray, id_header: s
 
 
 def check_submission_file(cfg: Config, path: Path) -> str:
-    """Check a submission file in the terms a run writes it (the sample submission's columns, each test id
-    once, values as the task writes them, the task decided from train as a run decides it); without train,
-    the columns and ids only. Returns the one line that says it is fine."""
+    """Check a submission file in the terms a run writes it: the sample submission's columns, each test id
+    once, values as the task writes them (the task decided from train, as a run decides it). Without a
+    train file, or one without the configured columns, the columns and ids only. Returns the line that says
+    it is fine."""
     sub = read_submission(path)
-    has_train = bool(cfg.train) or find_file(find_data_dir(cfg.data_dir, "test", cfg.competition)
-                                             if not cfg.test else Path(cfg.test).parent, "train") is not None
-    if has_train:
-        data = load_competition(cfg)
-        task, columns = data["task"], [data["id_header"], *data["columns"].values()]
-        check_submission(sub, data["order"], str(path), task, columns)
+    tables, where, _ = read_tables(cfg, ("test", "sample_submission"))
+    folder = Path(cfg.data_dir) if cfg.data_dir else Path(where["test"]).parent
+    train_path = Path(cfg.train) if cfg.train else find_file(folder, "train")
+    train = read_table(train_path) if train_path is not None else None
+    if train is not None and all(c in train.columns for c in cfg.text_cols + cfg.target_cols):
+        task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, str(train_path))
+        side = test_side(cfg, task, tables, where)
+        columns = [side["id_header"], *side["columns"].values()]
+        check_submission(sub, side["order"], str(path), task, columns)
         values = "labels" if task.writes_labels else "values" if task.kind == "regression" else "probabilities"
-        what = f"{task.kind} {values}"
-        return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}, {what} for {task.metric})"
-    folder = find_data_dir(cfg.data_dir, "test", cfg.competition) if not cfg.test else None
-    test = read_table(Path(cfg.test) if cfg.test else find_file(folder, "test"))
-    sample_path = Path(cfg.sample_submission) if cfg.sample_submission else find_file(folder, "sample_submission") \
-        if folder else None
-    sample = read_table(sample_path) if sample_path else None
+        return (f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}, {task.kind} {values} "
+                f"for {task.metric})")
+    sample, test = tables["sample_submission"], tables["test"]
     columns = list(sample.columns) if sample is not None else list(sub.columns)
     id_col = cfg.id_col or columns[0]
-    if id_col not in test.columns:
-        raise UserError(f"the test file has no column {id_col}: name the id column with --id-col.")
+    _require(test, [id_col], where["test"])
     check_submission(sub, test[id_col], str(path), None, columns)
-    return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}; no train file to check " \
-           "the values against)"
+    why = "no train file" if train is None else f"train lacks {','.join(cfg.text_cols + cfg.target_cols)}"
+    return f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}; values not checked: {why})"
 
 
 def _finite(obj):
@@ -2762,6 +2761,21 @@ def saved_run(folder: Path) -> dict:
         raise UserError(f"{folder} holds no saved model{old}: train with --save-model (the default) using this "
                         "version.")
     return {"dir": folder, "metrics": metrics, "task": task, "models": models}
+
+
+def find_runs(names, root: str | Path = KAGGLE_INPUT) -> list[Path]:
+    """The run folders (a metrics.json beside a model folder) under root/<name> for each name: what a
+    training notebook's output looks like once attached to another notebook, at /kaggle/input/<slug>/ or
+    /kaggle/input/notebooks/<owner>/<slug>/ (a compare notebook's output holds one run per method and seed)."""
+    root, found = Path(root), []
+    for name in names:
+        runs = sorted({m.parent for m in root.rglob("metrics.json") if name in m.relative_to(root).parts
+                       and any(p.is_dir() and p.name.startswith("model") for p in m.parent.iterdir())})
+        if not runs:
+            raise UserError(f"No run of {name!r} under {root}: attach that training notebook (Add input > "
+                            "Notebooks), trained with save_model on, or fix its name in RUNS.")
+        found += runs
+    return found
 
 
 def _same_task(runs: list[dict]) -> None:

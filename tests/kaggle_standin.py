@@ -1,7 +1,7 @@
 """A stand-in Kaggle API on loopback for the real kaggle CLI (2.x with KAGGLE_API_ENVIRONMENT=LOCALHOST
 talks to http://localhost/api/v1/<service>/<method>, JSON POSTs). It records every request and plays
 Kaggle's rules that matter to the kit: tokens, the cap on concurrent GPU sessions, statuses over time,
-kernel outputs and their log."""
+kernel outputs and their log, code submissions and their scoring."""
 import base64
 import json
 import threading
@@ -9,9 +9,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class KaggleStandIn:
-    def __init__(self, gpu_cap=2, polls_until_complete=2, failing=(), token="good-token", user="alice"):
+    def __init__(self, gpu_cap=2, polls_until_complete=2, failing=(), token="good-token", user="alice",
+                 scoring="scored"):
         self.gpu_cap, self.polls, self.failing, self.token, self.user = gpu_cap, polls_until_complete, failing, \
             token, user
+        self.scoring = scoring  # a code submission: scored, failed (scoring error) or refused
         self.requests, self.running, self.remaining, self.max_running, self.pushed = [], set(), {}, 0, []
         self.lock = threading.Lock()
         standin = self
@@ -76,6 +78,18 @@ class KaggleStandIn:
                 if slug in self.failing:
                     return 200, {"status": "ERROR", "failureMessage": "Notebook Exceeded Allowed Compute"}
                 return 200, {"status": "COMPLETE"}
+            if method == "CreateCodeSubmission":
+                if self.scoring == "refused":
+                    return 400, {"code": 400, "message": "Submission not allowed: this notebook has internet access "
+                                                        "enabled"}
+                return 200, {"message": "Successfully submitted to the competition", "ref": 4242}
+            if method == "GetSubmission":
+                if self.scoring == "failed":
+                    return 200, {"ref": 4242, "status": "ERROR",
+                                 "errorDescription": "Notebook Threw Exception: submission.csv not found"}
+                return 200, {"ref": 4242, "status": "COMPLETE", "publicScore": "0.81234"}
+            if method == "GetSubmissionLimits":
+                return 200, {"numAllowedNow": 4}
             if method == "ListKernelSessionOutput":
                 names = ["submission.csv", "metrics.json", "train.log", "model.pt"]
                 return 200, {"files": [{"fileName": n, "url": f"http://localhost/files/{n}"} for n in names],

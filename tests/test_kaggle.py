@@ -46,9 +46,11 @@ def test_notebook_metadata_and_format(folder):
     assert required <= set(meta)
     assert meta["id"].split("/")[1] == kaggle_kit.slug(meta["title"]) and len(meta["title"]) >= 5
     assert (folder / meta["code_file"]).is_file() and meta["kernel_type"] == "notebook"
-    assert meta["enable_gpu"] is True and meta["enable_internet"] is True and meta["enable_tpu"] is False
-    assert meta["machine_shape"] == "NvidiaTeslaT4"
-    assert meta["competition_sources"] == ["nlp-getting-started"] and meta["kernel_sources"] == [utility]
+    inference = folder.name == "inference"  # a code competition's notebook: internet off, training runs attached
+    assert meta["enable_gpu"] is True and meta["enable_internet"] is not inference and meta["enable_tpu"] is False
+    assert meta["machine_shape"] == "NvidiaTeslaT4" and meta["competition_sources"] == ["nlp-getting-started"]
+    assert meta["kernel_sources"] == [utility] + (["OWNER/advtrain-baseline", "OWNER/advtrain-awp"] if inference
+                                                  else [])
     nb = nbformat.read(folder / meta["code_file"], as_version=4)
     nbformat.validate(nb)
     assert nb.metadata.kernelspec == {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -56,7 +58,7 @@ def test_notebook_metadata_and_format(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("folder", NOTEBOOK_DIRS, ids=lambda p: p.name)
+@pytest.mark.parametrize("folder", [p for p in NOTEBOOK_DIRS if p.name != "inference"], ids=lambda p: p.name)
 def test_notebook_runs_end_to_end_offline(folder, data_dir, model_dirs, tmp_path, monkeypatch):
     lib = tmp_path / "usr" / "lib" / "notebooks" / "someone" / "advtrain"  # a recent image's layout
     lib.mkdir(parents=True)
@@ -77,6 +79,37 @@ def test_notebook_runs_end_to_end_offline(folder, data_dir, model_dirs, tmp_path
     assert subs and all(p.is_file() for p in subs)
     check = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", "--data-dir",
                             str(data_dir), str(subs[0])], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+@pytest.mark.slow
+def test_inference_notebook_averages_attached_runs_offline(data_dir, model_dirs, tmp_path, monkeypatch):
+    """Internet off: the utility script and two training notebooks' outputs attached under /kaggle/input, the
+    competition's files where the kit finds them; the notebook writes a submission check-submission accepts."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import base_config
+
+    lib = tmp_path / "usr" / "lib" / "advtrain"
+    lib.mkdir(parents=True)
+    shutil.copy(ROOT / "advtrain.py", lib / "advtrain.py")
+    import advtrain
+
+    for method in ("baseline", "awp"):
+        advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "input" / f"advtrain-{method}", epochs=1,
+                                 eval_every=1.0, save_model=True, method=method))
+    shutil.copytree(data_dir, tmp_path / "data")  # where the kit looks when no Kaggle mount is there
+    for key, value in {"ADVTRAIN_LIB": str(tmp_path / "usr" / "lib"), "ADVTRAIN_INPUT": str(tmp_path / "input"),
+                       "ADVTRAIN_OUTPUT_DIR": str(tmp_path / "working"), "HF_HUB_OFFLINE": "1",
+                       "HF_HOME": str(tmp_path / "no-cache")}.items():
+        monkeypatch.setenv(key, value)
+    folder = ROOT / "notebooks" / "inference"
+    meta = json.loads((folder / "kernel-metadata.json").read_text())
+    nb = nbformat.read(folder / meta["code_file"], as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "texts/s" in printed and "advtrain-awp" in printed
+    check = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", "--data-dir",
+                            str(data_dir), str(tmp_path / "working" / "submission.csv")], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 

@@ -95,3 +95,40 @@ def test_status_with_a_kaggle_json_under_the_xdg_config_folder(standin, repo):
     done = make(repo, "status", token=None)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.count("COMPLETE") == 8
+
+
+def test_a_kernel_submission_names_competition_kernel_version_and_file_and_waits_for_the_score(standin, repo):
+    api = standin()
+    done = make(repo, "submit", KERNEL="advtrain-inference", VERSION="3", MSG="awp + baseline")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = [body for method, body in api.requests if method == "CreateCodeSubmission"]
+    assert sent == [{"fileName": "submission.csv", "competitionName": "nlp-getting-started", "kernelOwner": "alice",
+                     "kernelSlug": "advtrain-inference", "kernelVersion": 3,
+                     "submissionDescription": "awp + baseline"}]
+    assert "alice/advtrain-inference version 3: public score 0.81234" in done.stdout
+
+
+def test_a_kernel_submission_takes_the_version_make_push_recorded(standin, repo):
+    api = standin(polls_until_complete=1)
+    assert make(repo, "push", "METHODS=inference").returncode == 0
+    done = make(repo, "submit", KERNEL="advtrain-inference", COMPETITION="commonlitreadabilityprize")
+    assert done.returncode == 0, done.stdout + done.stderr
+    sent = [body for method, body in api.requests if method == "CreateCodeSubmission"][0]
+    assert (sent["kernelVersion"], sent["competitionName"]) == (1, "commonlitreadabilityprize")
+
+
+@pytest.mark.parametrize("scoring,message", [
+    ("refused", "Submission not allowed: this notebook has internet access enabled"),
+    ("failed", "Kaggle could not score the submission: Notebook Threw Exception: submission.csv not found"),
+])
+def test_a_refused_or_failed_kernel_submission_is_one_line(scoring, message, standin, repo):
+    standin(scoring=scoring)
+    done = make(repo, "submit", KERNEL="advtrain-inference", VERSION="2")
+    errors = [line for line in done.stderr.splitlines() if line.startswith("kaggle_kit: error:")]
+    assert done.returncode == 2 and len(errors) == 1 and message in errors[0], done.stdout + done.stderr
+
+
+def test_a_kernel_submission_without_a_known_version_says_how_to_give_one(standin, repo):
+    standin()
+    done = make(repo, "submit", KERNEL="advtrain-inference")
+    assert done.returncode == 2 and "pass VERSION=N" in done.stderr

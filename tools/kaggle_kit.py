@@ -6,8 +6,10 @@ Standard library only; it drives the official `kaggle` command-line tool, which 
 into .venv: kaggle 2.2.x, whose real CLI the tests drive against a stand-in Kaggle API. Another CLI can
 be named with KAGGLE_BIN; the status lines of 1.6 and 1.7 are read too, but kaggle before 1.8 ignores
 machine_shape, so "GPU T4 x2" is not guaranteed there.
-Settings come from the environment, as make passes them: METHODS (a subset of the notebooks),
-GPU_SESSIONS (Kaggle's cap on concurrent GPU sessions, 2), FORCE, METHOD, FILE, MSG.
+Settings come from the environment, as make passes them: COMPETITION (the competition's slug,
+nlp-getting-started by default), METHODS (a subset of the notebooks), INFERENCE (also push the inference
+notebook, after the training ones), GPU_SESSIONS (Kaggle's cap on concurrent GPU sessions, 2), FORCE,
+METHOD, FILE, KERNEL and VERSION (a code competition's notebook submission), MSG.
 The committed metadata says OWNER where the Kaggle user name goes: `push` writes a copy with your
 user name (from KAGGLE_USERNAME, else the kaggle config) into build/kaggle/ and pushes that, so
 nobody edits JSON by hand. Each failure is one line naming the fix, exit code 2.
@@ -26,7 +28,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPETITION = "nlp-getting-started"
+DEFAULT_COMPETITION = "nlp-getting-started"
+COMPETITION = os.environ.get("COMPETITION") or DEFAULT_COMPETITION  # make ... COMPETITION=<slug>
 PLACEHOLDER = "OWNER"
 UTILITY = "advtrain"
 METHODS = {
@@ -42,7 +45,8 @@ METHODS = {
     "sift": ("SiFT", "Scale-invariant fine-tuning (He et al. 2021, DeBERTa): perturbs normalised embeddings "
                      "with a symmetric-KL consistency loss."),
 }
-NOTEBOOKS = list(METHODS) + ["compare"]
+NOTEBOOKS = list(METHODS) + ["compare"]  # what `make push` pushes; the inference notebook only when asked
+INFERENCE = "inference"
 
 
 class KitError(Exception):
@@ -111,14 +115,35 @@ def config_cell(method: str, multi_gpu: bool = True) -> str:
 cfg = advtrain.Config(
     method="{method}",
     model="microsoft/deberta-v3-xsmall",  # hub name, or the folder of an attached snapshot (internet off)
-    output_dir="/kaggle/working",
+    competition="{DEFAULT_COMPETITION}",  # the competition attached to this notebook (make push COMPETITION=...)
+    text_cols="text",  # its text column(s); two are encoded as a pair
+    target_cols="target",  # its target column(s)
+    metric="f1",  # its metric: f1 accuracy logloss auc rmse mcrmse pearson qwk
+    output_dir="/kaggle/working",  # the run folder: submission, metrics, and model/ for the inference notebook
     overwrite=True,
-    preset="recipe",  # the measured settings (README); explicit settings here win
-    epochs=3,
-    batch_size=32,
+    preset="recipe",  # evaluation 4x an epoch, attack from the end of warm-up, embedding-relative sizes (README)
+    epochs=3,  # the kit's defaults for deberta-v3-xsmall, not measured here: RESULTS.md's comparison
+    batch_size=32,  # used 1 epoch at lr 5e-5 with MiniLM on a CPU
     lr=3e-5,
 )
 ''' + (switch if multi_gpu else "")
+
+
+INFERENCE_CONFIG_CELL = '''
+# The only cell to edit. Attach (Add input > Notebooks) the training notebooks whose outputs to average;
+# this notebook runs with the internet off, as code competitions require.
+RUNS = ["advtrain-baseline", "advtrain-awp"]  # training notebooks (their run folders: metrics.json, model/)
+WEIGHTS = None  # one weight per run found, or None for equal weights
+BATCH_SIZE = 0  # 0: each run's own eval batch size
+'''
+
+INFERENCE_RUN_CELL = '''
+runs = advtrain.find_runs(RUNS, os.environ.get("ADVTRAIN_INPUT", "/kaggle/input"))
+print("averaging", *runs, sep="\\n  ")
+submission = advtrain.predict(runs, output_dir=os.environ.get("ADVTRAIN_OUTPUT_DIR", "/kaggle/working"),
+                              weights=WEIGHTS, batch_size=BATCH_SIZE, overwrite=True)
+submission.head()
+'''
 
 
 def notebook(name: str) -> dict:
@@ -135,13 +160,23 @@ def notebook(name: str) -> dict:
             _cell("code", 'from IPython.display import Image, display\nfor png in sorted(Path(cfg.output_dir)'
                           '.glob("*.png")):\n    display(Image(filename=str(png)))'),
         ]
+    elif name == INFERENCE:
+        cells = [
+            _cell("markdown", "# advtrain: inference for code competitions\n\nInternet off. Averages the saved "
+                              "models (every fold of every run) of the attached training notebooks and writes "
+                              "`/kaggle/working/submission.csv` in the sample submission's columns."),
+            _cell("code", IMPORT_CELL),
+            _cell("code", INFERENCE_CONFIG_CELL),
+            _cell("code", INFERENCE_RUN_CELL),
+        ]
     else:
         title, what = METHODS[name]
         cells = [
-            _cell("markdown", f"# advtrain: {title} on Disaster Tweets\n\n{what}\n\nFine-tunes "
-                              "`microsoft/deberta-v3-xsmall`, keeps the best epoch by validation F1, reports the "
-                              "holdout score and writes `submission.csv`, `metrics.json` and `train.log` to "
-                              "/kaggle/working."),
+            _cell("markdown", f"# advtrain: {title}\n\n{what}\n\nFine-tunes `microsoft/deberta-v3-xsmall` on "
+                              "the attached competition (Disaster Tweets as committed), evaluates four times an "
+                              "epoch and keeps the best evaluation by the competition's metric, reports the holdout "
+                              "score and writes `submission.csv`, `metrics.json`, `train.log` and the model folder "
+                              "(for the inference notebook) to /kaggle/working."),
             _cell("code", IMPORT_CELL),
             _cell("code", config_cell(name)),
             _cell("code", RUN_CELL),
@@ -154,12 +189,15 @@ def notebook(name: str) -> dict:
 
 
 def notebook_metadata(name: str) -> dict:
-    title = f"advtrain {METHODS[name][0] if name in METHODS else 'compare'}"
+    title = f"advtrain {METHODS[name][0] if name in METHODS else name}"
+    inference = name == INFERENCE  # internet off; the utility script and the training notebooks attached
+    sources = [f"{PLACEHOLDER}/{UTILITY}"] + ([f"{PLACEHOLDER}/advtrain-{m}" for m in ("baseline", "awp")]
+                                             if inference else [])
     return {"id": f"{PLACEHOLDER}/{slug(title)}", "title": title, "code_file": f"{slug(title)}.ipynb",
             "language": "python", "kernel_type": "notebook", "is_private": True, "enable_gpu": True,
-            "enable_tpu": False, "enable_internet": True, "machine_shape": "NvidiaTeslaT4", "keywords": [],
-            "dataset_sources": [], "competition_sources": [COMPETITION],
-            "kernel_sources": [f"{PLACEHOLDER}/{UTILITY}"], "model_sources": []}
+            "enable_tpu": False, "enable_internet": not inference, "machine_shape": "NvidiaTeslaT4",
+            "keywords": [], "dataset_sources": [], "competition_sources": [DEFAULT_COMPETITION],
+            "kernel_sources": sources, "model_sources": []}
 
 
 def _dump(obj) -> str:
@@ -169,7 +207,7 @@ def _dump(obj) -> str:
 def write_notebooks(root: Path = ROOT) -> list[Path]:
     """notebooks/<name>/ with the notebook and its kernel-metadata.json, from the templates above."""
     written = []
-    for name in NOTEBOOKS:
+    for name in NOTEBOOKS + [INFERENCE]:
         meta = notebook_metadata(name)
         folder = root / "notebooks" / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -208,6 +246,9 @@ def explain(args: tuple[str, ...], output: str) -> str:
         return (f"Kaggle did not accept your credentials for `kaggle {what}`: create a token at "
                 "https://www.kaggle.com/settings/api and save it as ~/.kaggle/access_token (or ~/.kaggle/kaggle.json "
                 "for an old-style key), set KAGGLE_API_TOKEN, or run `kaggle auth login`.")
+    failed = re.search(r"failed to score\.?\s*Error:\s*(.*)", text)
+    if failed:
+        return f"Kaggle could not score the submission: {failed.group(1).strip()[:400]}"
     if "403" in text or "forbidden" in low:
         return (f"Kaggle refused `kaggle {what}` (403): accept the competition's rules at "
                 f"https://www.kaggle.com/c/{COMPETITION}/rules, and for GPU kernels verify your phone number.")
@@ -262,11 +303,16 @@ def owner() -> str:
 
 
 def stage(folder: Path, user: str, build: Path) -> Path:
-    """Copy a kernel folder into build/, with OWNER replaced by the user name and code_file beside it."""
+    """Copy a kernel folder into build/, with OWNER replaced by the user name, code_file beside it, and the
+    competition (COMPETITION) attached and named in the notebook's Config cell."""
     meta = json.loads((folder / "kernel-metadata.json").read_text())
     target = build / meta["id"].split("/")[1]
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copy(folder / meta["code_file"], target / Path(meta["code_file"]).name)
+    code = (folder / meta["code_file"]).read_text()
+    if meta["kernel_type"] == "notebook":
+        code = code.replace(f'competition=\\"{DEFAULT_COMPETITION}\\"', f'competition=\\"{COMPETITION}\\"')
+        meta["competition_sources"] = [COMPETITION]
+    (target / Path(meta["code_file"]).name).write_text(code)
     meta["code_file"] = Path(meta["code_file"]).name
     meta["id"] = meta["id"].replace(PLACEHOLDER, user, 1)
     meta["kernel_sources"] = [k.replace(PLACEHOLDER, user, 1) for k in meta.get("kernel_sources", [])]
@@ -296,8 +342,12 @@ def status_of(kernel: str) -> str:
     return parse_status(kaggle("kernels", "status", kernel, capture=True))
 
 
+VERSIONS = ROOT / "build" / "kaggle-versions.json"  # the version of each kernel `make push` last pushed
+
+
 def push(folder: Path) -> None:
-    """kaggle kernels push, which reports a refusal on stdout with exit code 0: stop on it with Kaggle's reason."""
+    """kaggle kernels push, which reports a refusal on stdout with exit code 0: stop on it with Kaggle's reason.
+    The version Kaggle gave the kernel is kept in build/kaggle-versions.json (for `make submit KERNEL=`)."""
     out = kaggle("kernels", "push", "-p", str(folder), capture=True)
     refused = re.search(r"Kernel push error:\s*(.*)", out)
     if refused or "successfully pushed" not in out.lower() and "kernel version" not in out.lower():
@@ -305,6 +355,12 @@ def push(folder: Path) -> None:
         fix = ("wait until your running GPU sessions finish (make status), then push again" if "GPU session" in reason
                else "fix kernel-metadata.json or your account (phone verification), then push again")
         raise KitError(f"Kaggle refused to push {folder.name}: {reason} ({fix}).")
+    version = re.search(r"[Kk]ernel version (\d+)", out)
+    if version:
+        kernel = json.loads((folder / "kernel-metadata.json").read_text())["id"]
+        versions = json.loads(VERSIONS.read_text()) if VERSIONS.is_file() else {}
+        VERSIONS.parent.mkdir(parents=True, exist_ok=True)
+        VERSIONS.write_text(_dump({**versions, kernel: int(version.group(1))}))
     print(out.strip().splitlines()[-1])
 
 
@@ -342,39 +398,56 @@ def failed_log(kernel: str, lines: int = 15) -> str:
         return "\n".join("    " + line for line in text.strip().splitlines()[-lines:])
 
 
-def selected(methods: str) -> list[str]:
-    names = [m for m in methods.split(",") if m] if methods else NOTEBOOKS
-    unknown = [m for m in names if m not in NOTEBOOKS]
+def selected(methods: str, inference: bool = False) -> list[str]:
+    """The notebooks to work on: METHODS (a subset; `inference` may be named), else every training notebook,
+    and the inference notebook last when asked (INFERENCE=1)."""
+    names = [m for m in methods.split(",") if m] if methods else list(NOTEBOOKS)
+    unknown = [m for m in names if m not in NOTEBOOKS + [INFERENCE]]
     if unknown:
-        raise KitError(f"unknown METHODS={methods}: use names from {', '.join(NOTEBOOKS)}, e.g. METHODS=fgm,awp")
-    return names
+        raise KitError(f"unknown METHODS={methods}: use names from {', '.join(NOTEBOOKS + [INFERENCE])}, e.g. "
+                       "METHODS=fgm,awp")
+    if inference and INFERENCE not in names:
+        names.append(INFERENCE)
+    return [n for n in names if n != INFERENCE] + [n for n in names if n == INFERENCE]  # inference after training
 
 
 # --------------------------------------------------------------------------------------------- commands
 
 
-def cmd_data(data: Path = ROOT / "data") -> None:
-    if (data / "train.csv").is_file() and (data / "test.csv").is_file():
+def data_folder() -> Path:
+    """Where `make data` puts the competition's files: data/ for Disaster Tweets, data/<slug>/ for any other."""
+    return ROOT / "data" if COMPETITION == DEFAULT_COMPETITION else ROOT / "data" / COMPETITION
+
+
+def cmd_data(data: Path | None = None) -> None:
+    data = data or data_folder()
+    if any((data / f"train.{x}").is_file() for x in ("csv", "tsv")) and \
+            any((data / f"test.{x}").is_file() for x in ("csv", "tsv")):
         print(f"{data} already holds the competition files")
         return
-    data.mkdir(exist_ok=True)
+    data.mkdir(parents=True, exist_ok=True)
     kaggle("competitions", "download", COMPETITION, "-p", str(data))
     archive = data / f"{COMPETITION}.zip"
     if not archive.is_file():
         raise KitError(f"{archive} was not downloaded: accept the competition's rules at "
                        f"https://www.kaggle.com/c/{COMPETITION}/rules, then run make data again.")
-    try:
-        with zipfile.ZipFile(archive) as z:
+    for zipped in [archive]:
+        try:
+            with zipfile.ZipFile(zipped) as z:
+                z.extractall(data)
+        except zipfile.BadZipFile:
+            zipped.unlink()
+            raise KitError(f"{zipped} was not a complete zip file (removed): run make data again.") from None
+        zipped.unlink()
+    for inner in sorted(data.glob("*.zip")):  # some competitions zip each file again (train.tsv.zip)
+        with zipfile.ZipFile(inner) as z:
             z.extractall(data)
-    except zipfile.BadZipFile:
-        archive.unlink()
-        raise KitError(f"{archive} was not a complete zip file (removed): run make data again.") from None
-    archive.unlink()
-    print(f"unpacked {', '.join(sorted(p.name for p in data.glob('*.csv')))} into {data}")
+        inner.unlink()
+    print(f"unpacked {', '.join(sorted(p.name for p in data.iterdir() if p.is_file()))} into {data}")
 
 
-def cmd_push(methods: str, poll: float, timeout: float, sessions: int) -> None:
-    names = selected(methods)
+def cmd_push(methods: str, poll: float, timeout: float, sessions: int, inference: bool = False) -> None:
+    names = selected(methods, inference)
     user = owner()
     build = ROOT / "build" / "kaggle"
     shutil.rmtree(build, ignore_errors=True)
@@ -384,8 +457,10 @@ def cmd_push(methods: str, poll: float, timeout: float, sessions: int) -> None:
         raise KitError(f"the run of {utility} did not complete: read its log at {url(utility)} and push again.\n"
                        + failed_log(utility))
     states = {}
-    for start in range(0, len(names), sessions):  # waves: Kaggle runs at most `sessions` GPU sessions at once
-        wave = names[start:start + sessions]
+    training = [n for n in names if n != INFERENCE]
+    waves = [training[i:i + sessions] for i in range(0, len(training), sessions)]
+    waves += [[INFERENCE]] if INFERENCE in names else []  # once the runs it averages have finished
+    for wave in waves:  # waves: Kaggle runs at most `sessions` GPU sessions at once
         for name in wave:
             push(stage(ROOT / "notebooks" / name, user, build))
         states.update(wait_until_finished([kernel_id(ROOT / "notebooks" / n, user) for n in wave], poll, timeout))
@@ -472,9 +547,32 @@ def submission_file(method: str, file: str) -> Path:
                    f"{make}, or fetch the kernel outputs with `make output`.")
 
 
+def cmd_submit_kernel(kernel: str, version: str, message: str) -> None:
+    """Submit a notebook's output to a code competition: kaggle competitions submit -k OWNER/KERNEL -v N
+    -f submission.csv, waiting for the score where the CLI can (--wait, kaggle 2.x)."""
+    if "/" in kernel:
+        raise KitError(f"KERNEL={kernel}: give the notebook's slug alone (e.g. KERNEL=advtrain-inference); the owner "
+                       "is the user your credentials name.")
+    kernel_ref = f"{owner()}/{kernel}"
+    if not version:
+        version = str(json.loads(VERSIONS.read_text()).get(kernel_ref, "")) if VERSIONS.is_file() else ""
+    if not version.isdigit():
+        raise KitError(f"no version of {kernel_ref} known: pass VERSION=N (the version in the notebook's Versions "
+                       "tab on Kaggle), or push it with `make push` first.")
+    can_wait = "--wait" in kaggle("competitions", "submit", "--help", capture=True)
+    out = kaggle("competitions", "submit", COMPETITION, "-k", kernel_ref, "-v", version, "-f", "submission.csv",
+                 "-m", message or f"advtrain {kernel} v{version}", *(["--wait"] if can_wait else []), capture=True)
+    print(out.strip())
+    score = re.search(r"Public score:\s*(\S+)", out)
+    print(f"{kernel_ref} version {version}: " + (f"public score {score.group(1)}" if score else
+                                                  "submitted; `make submissions` shows its score once scored"))
+
+
 def cmd_submit(method: str, file: str, message: str) -> None:
     path = submission_file(method, file)
-    checked = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", str(path)],
+    checked = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", str(path),
+                              "--competition", COMPETITION] + (["--data-dir", str(data_folder())]
+                                                               if data_folder().is_dir() else []),
                              capture_output=True, text=True, cwd=ROOT)
     if checked.returncode != 0:
         raise KitError(f"not submitted, {path} fails the check: "
@@ -500,13 +598,16 @@ def main(argv: list[str]) -> int:
             sessions = env("GPU_SESSIONS", str(GPU_SESSIONS))
             if not sessions.isdigit() or int(sessions) < 1:
                 raise KitError(f"GPU_SESSIONS={sessions}: a whole number of concurrent GPU sessions, 2 on Kaggle.")
-            cmd_push(methods, poll, timeout, int(sessions))
+            cmd_push(methods, poll, timeout, int(sessions), env("INFERENCE", "") not in ("", "0"))
         elif command == "status":
             ok = cmd_status(methods)
         elif command == "output":
             ok = cmd_output(methods, env("FORCE", "") not in ("", "0"))
         elif command == "submit-check":  # before make builds .venv: a bad METHOD or FILE costs nothing
-            submission_file(env("METHOD", ""), env("FILE", ""))
+            if not env("KERNEL", ""):
+                submission_file(env("METHOD", ""), env("FILE", ""))
+        elif command == "submit" and env("KERNEL", ""):
+            cmd_submit_kernel(env("KERNEL", ""), env("VERSION", ""), env("SUBMIT_MESSAGE", env("MSG", "")))
         elif command == "submit":
             cmd_submit(env("METHOD", ""), env("FILE", ""), env("SUBMIT_MESSAGE", env("MSG", "")))
         elif command == "submissions":

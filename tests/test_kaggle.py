@@ -108,8 +108,9 @@ def test_inference_notebook_averages_attached_runs_offline(data_dir, model_dirs,
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "texts/s" in printed and "advtrain-awp" in printed
+    submission = tmp_path / "working" / "submission.csv"
     check = subprocess.run([sys.executable, str(ROOT / "advtrain.py"), "check-submission", "--data-dir",
-                            str(data_dir), str(tmp_path / "working" / "submission.csv")], capture_output=True, text=True)
+                            str(data_dir), str(submission)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 

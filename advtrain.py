@@ -534,6 +534,12 @@ class Task:
             return F.binary_cross_entropy_with_logits(logits, labels)
         return F.mse_loss(logits, labels)
 
+    @torch.no_grad()
+    def init_head(self, head: nn.Linear, y: np.ndarray) -> None:
+        """Regression heads start at the mean training target, not at 0: no steps spent learning the offset."""
+        if self.kind == "regression":
+            head.bias.copy_(torch.as_tensor(y.mean(0), dtype=head.bias.dtype))
+
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities (softmax over classes, sigmoid per label) or the regression values themselves."""
         logits = logits.float()
@@ -2550,9 +2556,7 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
         transformers.set_seed(cfg.seed)
         model = Classifier.from_pretrained(data["model_path"], num_labels=task.num_outputs, pooling=cfg.pooling,
                                            dropout=cfg.dropout).to(device)
-        if task.kind == "regression":  # start from the mean target, not from 0 (fewer steps spent on the offset)
-            with torch.no_grad():
-                model.head.bias.copy_(torch.as_tensor(targets[tr].mean(0)))
+        task.init_head(model.head, targets[tr])
         current = saved["current"] if saved["current"] and saved["current"]["fold"] == k else None
         result = train_fold(cfg, task, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
                             device, amp_dtype, data["pad_id"], name, resume=current,
@@ -2625,10 +2629,11 @@ def set_rng_state(state: dict) -> None:
 def decide_threshold(cfg: Config, task: Task, y_valid, pred_valid) -> float:
     """The probability above which a binary task's label is 1 (argmax of two classes is prob > 0.5); tuned
     (auto) or set only where the metric is F1."""
-    if task.kind != "binary" or task.metric != "f1" or cfg.threshold == "argmax":
-        if cfg.threshold != "argmax" and not (task.kind == "binary" and task.metric == "f1"):
-            log.info(f"threshold {cfg.threshold}: applies to binary F1 only; this {task.kind} task scored by "
-                     f"{task.metric} uses argmax")
+    tunable = task.kind == "binary" and task.metric == "f1"
+    if cfg.threshold != "argmax" and not tunable:
+        log.info(f"threshold {cfg.threshold}: applies to binary F1 only; this {task.kind} task scored by "
+                 f"{task.metric} uses argmax")
+    if cfg.threshold == "argmax" or not tunable:
         return 0.5
     if cfg.threshold == "auto":
         return best_threshold(y_valid, pred_valid[:, 1])

@@ -73,3 +73,16 @@ def kaggle_repo(tmp_path):
     shutil.copytree(ROOT / "tools", repo / "tools")
     shutil.copytree(ROOT / "notebooks", repo / "notebooks")
     return repo
+
+
+def fail_in_training(monkeypatch, error, after=0):
+    """Make the (after+1)-th micro-batch raise error."""
+    real, calls = advtrain.micro_step, []
+
+    def micro_step(*args):
+        calls.append(1)
+        if len(calls) > after:
+            raise error
+        return real(*args)
+
+    monkeypatch.setattr(advtrain, "micro_step", micro_step)

@@ -15,23 +15,11 @@ import pytest
 import torch
 
 import advtrain
-from conftest import ROOT, base_config
+from conftest import ROOT, base_config, fail_in_training
 
 
 def tiny(data_dir, model_dirs, out, **kw):
     return base_config(data_dir, model_dirs["bert"], out, **{"epochs": 1, "eval_every": 1.0, **kw})
-
-
-def interrupt_after(monkeypatch, n):
-    real, calls = advtrain.micro_step, []
-
-    def micro_step(*args):
-        calls.append(1)
-        if len(calls) > n:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(advtrain, "micro_step", micro_step)
 
 
 # 1. explicit settings win, whether or not they equal the default
@@ -90,7 +78,7 @@ def test_a_real_full_disk_costs_the_checkpoint_not_the_run(data_dir, model_dirs,
 
 def test_resume_refuses_a_changed_max_len(data_dir, model_dirs, tmp_path, monkeypatch):
     out = tmp_path / "cut"
-    interrupt_after(monkeypatch, 60)
+    fail_in_training(monkeypatch, KeyboardInterrupt(), after=60)
     with pytest.raises(KeyboardInterrupt):
         advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=2, max_len=13))
     monkeypatch.undo()

@@ -7,24 +7,11 @@ import pandas as pd
 import pytest
 
 import advtrain
-from conftest import base_config
+from conftest import base_config, fail_in_training
 
 
 def tiny_run(data_dir, model_dirs, out, **kw):
     return base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0, **kw)
-
-
-def fail_in_training(monkeypatch, error, after=0):
-    """Make the (after+1)-th micro-batch raise error."""
-    real, calls = advtrain.micro_step, []
-
-    def micro_step(*args):
-        calls.append(1)
-        if len(calls) > after:
-            raise error
-        return real(*args)
-
-    monkeypatch.setattr(advtrain, "micro_step", micro_step)
 
 
 def test_a_failed_run_blocks_nothing_and_its_log_holds_the_error(data_dir, model_dirs, tmp_path, monkeypatch,

@@ -394,3 +394,61 @@ def test_the_kits_loop_gives_sift_the_divergence_of_the_task(model_dirs):
         classes = ["x", "y"] if kind == "multiclass" else []
         task = advtrain.Task(kind, ["a", "b"], advtrain.TASK_METRICS[kind][0], classes)
         assert advtrain.make_attack(advtrain.Config(method="sift"), model, task).divergence == divergence
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass", "multilabel", "regression"])
+def test_every_attack_runs_on_every_task(kind, model_dirs):
+    import torch
+
+    from conftest import ATTACKS, TEXTS
+
+    task = {"binary": advtrain.DISASTER_TWEETS,
+            "multiclass": advtrain.Task("multiclass", ["a"], "accuracy", ["x", "y", "z"]),
+            "multilabel": advtrain.Task("multilabel", ["a", "b"], "auc"),
+            "regression": advtrain.Task("regression", ["a", "b"], "mcrmse", bounds=[-1, 1])}[kind]
+    labels = {"binary": torch.tensor([1, 0, 1, 0]), "multiclass": torch.tensor([0, 2, 1, 2]),
+              "multilabel": torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.0, 0.0]]),
+              "regression": torch.randn(4, 2)}[kind]
+    tok = advtrain.load_tokenizer(str(model_dirs["bert"]))
+    batch, _ = advtrain.Collator(tok.pad_token_id)([(x, 0) for x in advtrain.tokenize(tok, TEXTS, 64)])
+    for method in ATTACKS:
+        torch.manual_seed(0)
+        model = advtrain.Classifier.from_pretrained(str(model_dirs["bert"]), num_labels=task.num_outputs)
+        attack = advtrain.make_attack(advtrain.Config(method=method, adv_start="0"), model, task)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        loss = advtrain.micro_step(attack, model, batch, labels, torch.device("cpu"), None, None, 1, task.loss)
+        assert torch.isfinite(loss), (kind, method)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items()), (kind, method)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_an_ensemble_of_regression_runs_averages_their_values(tmp_path):
+    task = advtrain.Task("regression", ["content", "wording"], "mcrmse", bounds=[-2, 2])
+    for name, shift in (("a", 0.0), ("b", 1.0)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.json").write_text(json.dumps({
+            "task": advtrain.dataclasses.asdict(task), "score": {"threshold": 0.5},
+            "submission": {"id": "student_id", "columns": {"content": "content", "wording": "wording"}}}))
+        pd.DataFrame({"id": ["s1", "s2"], "content": [0.1 + shift, 0.2 + shift],
+                      "wording": [-0.1 + shift, 0.3 + shift]}).to_csv(run / "test_probs.csv", index=False)
+    info = advtrain.ensemble_submission(tmp_path, ["a", "b"], tmp_path / "ens.csv")
+    sub = pd.read_csv(tmp_path / "ens.csv")
+    assert list(sub.columns) == ["student_id", "content", "wording"]
+    assert sub["content"].tolist() == pytest.approx([0.6, 0.7]) and sub["wording"].tolist() == pytest.approx([0.4, 0.8])
+    assert info["labels"] is False and info["mean_pairwise_difference"] == pytest.approx(1.0)
+
+
+def test_reference_scores_rebuild_the_runs_holdout(data_dir, model_dirs, tmp_path):
+    import sys
+
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import reference_scores
+
+    out = tmp_path / "run"
+    advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0))
+    r = reference_scores.reference(out)
+    assert r["metric"] == "f1" and r["rows"] == 100 and r["constant"] == 0.0  # the majority class is 0
+    assert 0.8 < r["tfidf"] <= 1.0  # the synthetic tweets are easy for words
+    assert r["kit"] == json.loads((out / "metrics.json").read_text())["score"]["value"]

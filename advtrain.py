@@ -1,12 +1,16 @@
-"""advtrain: adversarial fine-tuning of transformer text classifiers, in one file.
+"""advtrain: adversarial fine-tuning of transformer text models for Kaggle, in one file.
 
 Upload it to Kaggle as a utility script and `import advtrain`, run it from the command line
 (`python advtrain.py train --method awp`), or copy a single attack class into your own notebook:
-each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch.
+each attack (FGM, PGD, FreeLB, AWP, SiFT) needs nothing but torch. It trains on any Kaggle text
+competition whose data is a table of texts (classification or regression, one text or a pair, one
+target or several) and writes the submission in the sample submission's own columns.
 
-The file reads top to bottom in the order data flows: config -> data -> model -> attacks ->
-training loop with prediction (and the transformers.Trainer subclass) -> submission -> a whole run ->
-comparison across seeds -> offline demo -> CLI. The speed benchmark is tools/bench.py.
+The file reads top to bottom in the order data flows: config -> data and the task (what differs
+between competitions) -> model -> attacks -> training loop with prediction (and the
+transformers.Trainer subclass) -> submission -> a whole run -> prediction from saved runs (code
+competitions) -> comparison across seeds -> offline demo -> CLI. The speed benchmark is
+tools/bench.py; reference scores (constant, TF-IDF) are tools/reference_scores.py.
 """
 from __future__ import annotations
 
@@ -344,11 +348,6 @@ def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "
         return Path("data")
     raise UserError(f"No {wanted} found in ./data or under /kaggle/input: run `make data` "
                     "(or attach the competition to the notebook), or pass --data-dir.")
-
-
-def _plain(value):
-    """A numpy scalar as the plain Python value, so that messages read 2, not np.int64(2)."""
-    return value.item() if hasattr(value, "item") else value
 
 
 def read_table(path: Path, required=()) -> pd.DataFrame:

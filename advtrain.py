@@ -176,6 +176,10 @@ class Config:
         every setting, so that a bad one fails here, before any data or model is loaded."""
         for name in ("text_cols", "target_cols"):
             setattr(self, name, _columns(getattr(self, name), name))
+        shared = [c for c in self.text_cols if c in self.target_cols]
+        if shared:
+            raise UserError(f"{shared[0]} is both a text and a target column: the model would read its answer; "
+                            "fix --text-cols or --target-cols.")
         if not str(self.output_dir).strip():
             raise UserError("output_dir is empty: name the folder for the run's files, e.g. --output-dir "
                             "submissions/run.")
@@ -465,6 +469,17 @@ class Task:
                 kind = "binary"
             else:
                 kind = "multiclass" if ints or not numeric else "regression"
+                col = values[target_cols[0]]
+                numbers = col.map(_is_number)
+                if kind == "multiclass" and numbers.mean() >= 0.9 and not _is_int(col[numbers]):
+                    bad = ~numbers
+                    raise UserError(f"{where}: {target_cols[0]} holds numbers but {int(bad.sum())} value(s) that are "
+                                    f"not (line {int(np.flatnonzero(bad)[0]) + 2}, {col[bad].iloc[0]!r}): fix them, "
+                                    "or pass --task multiclass to treat every value as a class.")
+                if kind == "multiclass" and col.nunique() > max(50, len(col) // 2):
+                    raise UserError(f"{where}: {target_cols[0]} has {col.nunique()} distinct values in {len(col)} "
+                                    "rows, too many for classes: is it the target? Name it with --target-cols, or "
+                                    "pass --task multiclass (or regression) to train anyway.")
         if kind in ("binary", "multiclass") and len(target_cols) != 1:
             raise UserError(f"task {kind} takes one target column, got {', '.join(target_cols)}.")
         if kind in ("binary", "multilabel") and not binary01:

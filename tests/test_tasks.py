@@ -61,6 +61,8 @@ def test_classes_keep_the_text_of_train_in_numeric_order():
     ("a,b\nx,y\nz,w\n", dict(target_cols=["a", "b"]), "several targets must be 0/1"),
     ("target\nEAP\nEAP\n", {}, "holds one class only"),
     ("target,x\n1,a\n,b\n", {}, "1 row(s) have no target (line 3)"),
+    ("target\n" + "0.5\n" * 12 + "inf\n", {}, "target holds numbers but 1 value(s) that are not (line 14, 'inf')"),
+    ("target\n" + "".join(f"id{i}\n" for i in range(120)), {}, "120 distinct values in 120 rows"),
 ])
 def test_targets_that_do_not_fit_the_task_are_one_sentence(csv, kw, message):
     with pytest.raises(advtrain.UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -70,6 +72,10 @@ def test_targets_that_do_not_fit_the_task_are_one_sentence(csv, kw, message):
 def test_a_metric_that_does_not_fit_an_explicit_task_fails_when_the_config_is_built():
     with pytest.raises(advtrain.UserError, match="metric qwk does not score a multilabel task"):
         advtrain.Config(task="multilabel", metric="qwk")
+    with pytest.raises(advtrain.UserError, match="score is both a text and a target column"):
+        advtrain.Config(text_cols="anchor,score", target_cols="score")
+    with pytest.raises(advtrain.UserError, match="text_cols names no column"):
+        advtrain.Config(text_cols=" , ")
 
 
 # --- metrics against hand computations -------------------------------------------------------------------

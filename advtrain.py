@@ -2992,8 +2992,8 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
         changed = "n/a" if method == reference or rows["labels_changed"].isna().all() else \
             f"{100 * rows['labels_changed'].mean():.1f}% (min {100 * rows['labels_changed'].min():.1f}%)"
         lines.append(f"| {method} | {n} | {seen} | {changed} | {cell(method, 'valid_best')} | {cell(method, on)} |")
-    lines.append(f"\nmean ± standard deviation over seeds; {metric} on the holdout (out-of-fold for kfold), at the "
-                 "run's threshold.")
+    lines.append(f"\nmean ± standard deviation over seeds; {metric} on the holdout (out-of-fold for kfold)"
+                 + (", at the run's threshold." if metric == "f1" else "."))
     if len(diffs):
         lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
                   f"| method | seeds | Δ {metric} | 95% CI | gain (positive is better) |", "|---|---|---|---|---|"]

@@ -1,7 +1,8 @@
 """A run's files: all or nothing, never blocked by a failure, one writer at a time, resumable."""
 import errno
 import json
-import os
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -49,9 +50,13 @@ def test_overwrite_replaces_only_after_success(data_dir, model_dirs, tmp_path, m
 def test_one_writer_per_output_folder(data_dir, model_dirs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / advtrain.LOCK).write_text(str(os.getppid()))  # a live process holds it
-    with pytest.raises(advtrain.UserError, match="being written by another advtrain run"):
-        advtrain.run(tiny_run(data_dir, model_dirs, out))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / advtrain.LOCK).write_text(str(other.pid))  # a live Python process holds it
+        with pytest.raises(advtrain.UserError, match="being written by another advtrain run"):
+            advtrain.run(tiny_run(data_dir, model_dirs, out))
+    finally:
+        other.kill()
     (out / advtrain.LOCK).write_text("999999999")  # a dead one: taken over
     advtrain.run(tiny_run(data_dir, model_dirs, out))
     assert (out / "metrics.json").is_file()

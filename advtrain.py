@@ -2009,8 +2009,8 @@ def train_fold(cfg: Config, task: Task, model: nn.Module, train_data, valid_data
     """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
     evaluation's weights (on the CPU). train_data and valid_data are (token ids, targets). Returns the
     evaluations, the best one, its state_dict and validation predictions, the attack's start, scale and
-    skip count, and the times. After every epoch checkpoint(state) receives all it takes to continue
-    from there (resume=state), with the same result as a run never interrupted."""
+    skip count, and the times. After every epoch checkpoint(state) receives all it takes to continue at
+    that point (resume=state), with the same result as a run never interrupted."""
     fold = FoldTraining(cfg, task, model, train_data, valid_data, device, amp_dtype, pad_id, name)
     if resume is not None:
         fold.restore(resume)
@@ -2813,8 +2813,8 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
             test: pd.DataFrame | None = None, sample_submission: pd.DataFrame | None = None) -> pd.DataFrame:
     """Predict the test file with every saved model of every run (each fold of each run), average the
     probabilities or values (folds equally within a run, runs by `weights`), and write submission.csv and
-    test_probs.csv into output_dir exactly as `train` writes them. Needs no network: everything comes
-    from the run folders. Returns the submission."""
+    test_probs.csv into output_dir exactly as `train` writes them. Needs no network: the run folders
+    hold everything. Returns the submission."""
     runs = [saved_run(Path(r)) for r in ([runs] if isinstance(runs, (str, Path)) else runs)]
     if not runs:
         raise UserError("predict needs at least one run folder (--runs DIR[,DIR...]).")

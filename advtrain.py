@@ -2832,23 +2832,27 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     side = test_side(cfg, task, tables, where)
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
-    total, started = np.zeros((len(side["test"]), task.num_outputs)), time.perf_counter()
+    total, loading, predicting = np.zeros((len(side["test"]), task.num_outputs)), 0.0, 0.0
     n_models = sum(len(r["models"]) for r in runs)
     bar = tqdm(total=n_models * len(side["test"]), desc="predict", unit="text", disable=not progress,
                dynamic_ncols=True)
     for run_info, weight in zip(runs, weights):
         for folder in run_info["models"]:
+            tick = time.perf_counter()
             model, tokenizer, info = load_saved_model(folder)
+            model.to(dev)
+            tock = time.perf_counter()
+            loading += tock - tick
             texts = input_texts(side["test"], cfg, tokenizer.sep_token)
             ids = tokenize(tokenizer, texts[0], info["max_len"], texts[1])
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             size = batch_size or run_info["metrics"]["config"]["eval_batch_size"]
-            pred = predict_proba(model.to(dev), ids, size, pad_id, dev, amp_dtype, task.activate)
+            pred = predict_proba(model, ids, size, pad_id, dev, amp_dtype, task.activate)
+            predicting += time.perf_counter() - tock
             total += weight / sum(weights) / len(run_info["models"]) * pred.astype(np.float64)
             bar.update(len(ids))
             del model
     bar.close()
-    seconds = time.perf_counter() - started
     threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
     position = pd.Series(np.arange(len(side["test"])), index=side["test"][side["id_col"]].to_numpy())
     pred = total[position.loc[side["order"]].to_numpy()].astype(np.float32)
@@ -2857,8 +2861,9 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     probs = task.table(pred)
     probs.insert(0, "id", side["order"])
     atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
-    print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s) in {seconds:.1f} s, "
-          f"{n_models * len(side['test']) / max(seconds, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "
+    print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s): loading "
+          f"{loading:.1f} s, tokenizing and predicting {predicting:.1f} s, "
+          f"{n_models * len(side['test']) / max(predicting, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "
           f"{out / 'submission.csv'} and {out / 'test_probs.csv'}")
     return sub
 

@@ -434,6 +434,33 @@ def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
     return math.isfinite(value) and minimum <= value <= maximum
 
 
+def _auto_kind(values: pd.DataFrame, numeric: bool, ints: bool, binary01: bool, where: str) -> str:
+    """--task auto: one 0/1 column is binary; strings, or integers with more than two values, multiclass;
+    several 0/1 columns multilabel; numbers regression. Refuses what looks like a mistake: several text
+    targets, a numeric target with a stray non-number, an id-like column read as classes."""
+    if values.shape[1] > 1:
+        if not numeric:
+            raise UserError(f"{where}: target columns {', '.join(values.columns)} hold text; several targets must "
+                            "be 0/1 (multilabel) or numbers (regression).")
+        return "multilabel" if binary01 else "regression"
+    col = values.iloc[:, 0]
+    if binary01 and set(col.astype(int)) == {0, 1}:
+        return "binary"
+    if numeric and not ints:
+        return "regression"
+    numbers = col.map(_is_number)
+    if numbers.mean() >= 0.9 and not _is_int(col[numbers]):
+        bad = ~numbers
+        raise UserError(f"{where}: {col.name} holds numbers but {int(bad.sum())} value(s) that are not (line "
+                        f"{int(np.flatnonzero(bad)[0]) + 2}, {col[bad].iloc[0]!r}): fix them, or pass --task "
+                        "multiclass to treat every value as a class.")
+    if col.nunique() > max(50, len(col) // 2):
+        raise UserError(f"{where}: {col.name} has {col.nunique()} distinct values in {len(col)} rows, too many for "
+                        "classes: is it the target? Name it with --target-cols, or pass --task multiclass (or "
+                        "regression) to train anyway.")
+    return "multiclass"
+
+
 @dataclass
 class Task:
     """What differs between competitions, in one place: the head's size, the loss, how outputs become
@@ -460,26 +487,7 @@ class Task:
         ints = numeric and all(_is_int(values[c]) for c in target_cols)
         binary01 = ints and all(set(values[c].astype(int)) <= {0, 1} for c in target_cols)
         if kind == "auto":
-            if len(target_cols) > 1:
-                kind = "multilabel" if binary01 else "regression" if numeric else ""
-                if not kind:
-                    raise UserError(f"{where}: target columns {', '.join(target_cols)} hold text; several targets "
-                                    "must be 0/1 (multilabel) or numbers (regression).")
-            elif binary01 and set(values[target_cols[0]].astype(int)) == {0, 1}:
-                kind = "binary"
-            else:
-                kind = "multiclass" if ints or not numeric else "regression"
-                col = values[target_cols[0]]
-                numbers = col.map(_is_number)
-                if kind == "multiclass" and numbers.mean() >= 0.9 and not _is_int(col[numbers]):
-                    bad = ~numbers
-                    raise UserError(f"{where}: {target_cols[0]} holds numbers but {int(bad.sum())} value(s) that are "
-                                    f"not (line {int(np.flatnonzero(bad)[0]) + 2}, {col[bad].iloc[0]!r}): fix them, "
-                                    "or pass --task multiclass to treat every value as a class.")
-                if kind == "multiclass" and col.nunique() > max(50, len(col) // 2):
-                    raise UserError(f"{where}: {target_cols[0]} has {col.nunique()} distinct values in {len(col)} "
-                                    "rows, too many for classes: is it the target? Name it with --target-cols, or "
-                                    "pass --task multiclass (or regression) to train anyway.")
+            kind = _auto_kind(values, numeric, ints, binary01, where)
         if kind in ("binary", "multiclass") and len(target_cols) != 1:
             raise UserError(f"task {kind} takes one target column, got {', '.join(target_cols)}.")
         if kind in ("binary", "multilabel") and not binary01:
@@ -2665,7 +2673,8 @@ def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dt
     (split=holdout) or on the out-of-fold validation predictions (split=kfold): the competition metric
     (`metric`, `value`) and its companions; for binary F1 also with argmax and at the threshold."""
     task, targets = data["task"], data["targets"]
-    threshold = decide_threshold(cfg, task, *(lambda r, p: (targets[r], p))(*_stack(parts, "valid")))
+    valid_rows, valid_pred = _stack(parts, "valid")
+    threshold = decide_threshold(cfg, task, targets[valid_rows], valid_pred)
     scored_on = "holdout" if cfg.split == "holdout" else "out-of-fold"
     rows, pred = _stack(parts, "holdout" if cfg.split == "holdout" else "valid")
     at = task.evaluate(targets[rows], pred, threshold)

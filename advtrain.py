@@ -2716,18 +2716,25 @@ def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dt
     }
 
 
+def write_test_outputs(out: Path, task: Task, side: dict, test_pred: np.ndarray, threshold: float) -> pd.DataFrame:
+    """submission.csv and test_probs.csv from predictions in test-file order (`side`: test_side's test table,
+    id column, submission order and layout), rows in the sample submission's order. Returns the submission."""
+    position = pd.Series(np.arange(len(side["test"])), index=side["test"][side["id_col"]].to_numpy())
+    pred = test_pred[position.loc[side["order"]].to_numpy()]
+    sub = write_submission(out / "submission.csv", task, side["order"], pred, side["id_header"], side["columns"],
+                           threshold)
+    probs = task.table(pred)
+    probs.insert(0, "id", side["order"])
+    atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
+    return sub
+
+
 def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: dict) -> None:
     """submission.csv (in the sample submission's columns and order), test_probs.csv (the averaged
     predictions, in the task's output columns), oof.csv (targets and predictions of every validation
     and holdout row), metrics.json."""
     task, train = data["task"], data["train"]
-    position = pd.Series(np.arange(len(data["test"])), index=data["test"][data["id_col"]].to_numpy())
-    pred = test_pred[position.loc[data["order"]].to_numpy()]
-    write_submission(out / "submission.csv", task, data["order"], pred, data["id_header"], data["columns"],
-                     metrics["score"]["threshold"])
-    probs_df = task.table(pred)
-    probs_df.insert(0, "id", data["order"])
-    atomic_write(out / "test_probs.csv", lambda tmp: probs_df.to_csv(tmp, index=False))
+    write_test_outputs(out, task, data, test_pred, metrics["score"]["threshold"])
     train_ids = train[data["id_col"]].to_numpy() if data["id_col"] in train.columns else np.arange(len(train))
     frames = []
     for part, rows, p, k in parts:
@@ -2863,13 +2870,7 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
             del model
     bar.close()
     threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
-    position = pd.Series(np.arange(len(side["test"])), index=side["test"][side["id_col"]].to_numpy())
-    pred = total[position.loc[side["order"]].to_numpy()].astype(np.float32)
-    sub = write_submission(out / "submission.csv", task, side["order"], pred, side["id_header"], side["columns"],
-                           threshold)
-    probs = task.table(pred)
-    probs.insert(0, "id", side["order"])
-    atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
+    sub = write_test_outputs(out, task, side, total.astype(np.float32), threshold)
     print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s): loading "
           f"{loading:.1f} s, tokenizing and predicting {predicting:.1f} s, "
           f"{n_models * len(side['test']) / max(predicting, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "

@@ -165,6 +165,9 @@ class Config:
     awp_lr: float = _opt(1.0, "AWP: step size, relative to each weight's norm (AWP's adv_lr)")
     awp_eps: float = _opt(0.01, "AWP: each weight stays within +-eps*|w| (AWP's adv_eps)")
     awp_params: str = _opt("weight", "AWP: perturb the parameters whose name contains this (AWP's param_filter)")
+    awp_objective: str = _opt("adversarial", "AWP: adversarial = train on the gradient at the perturbed weights "
+                              "(the paper's and Kaggle's min-max form); sum = clean plus adversarial gradient "
+                              "(AWP's objective)", ("adversarial", "sum"))
     sift_lambda: float = _opt(3.0, "SiFT: weight of the consistency loss, DeBERTa's vat_lambda (SiFT's alpha); "
                               "3 for deberta-v3-xsmall")
     sift_init: float = _opt(1e-2, "SiFT: std of the initial perturbation")
@@ -1383,29 +1386,38 @@ class FreeLB:
 
 
 class AWP:
-    """Adversarial Weight Perturbation (Wu et al. 2020, arXiv:2004.05884), in the form Kaggle
-    solutions use (Feedback Prize 2021 1st place and after): after the clean backward, each chosen
-    weight w with this micro-batch's gradient g moves by adv_lr * g / ||g|| * ||w||, clamped to
-    [w0 - adv_eps*|w0|, w0 + adv_eps*|w0|]; the batch is run forward and backward on the perturbed
-    weights; then every weight is copied back bit for bit from the single backup, taken before the
-    first weight moves, so that a failure anywhere (even half-way through the perturbation) leaves
-    the weights as they were. Sizes are relative to each weight already. The gradient of this
-    micro-batch is read by tensor hooks during the clean backward, so gradient accumulation never
-    leaks earlier micro-batches into the direction. Norms stay on the device: no host sync per
-    parameter.
+    """Adversarial Weight Perturbation (Wu et al. 2020, arXiv:2004.05884). After the clean forward,
+    each chosen weight w with this micro-batch's gradient g moves by adv_lr * g / ||g|| * ||w||,
+    clamped to [w0 - adv_eps*|w0|, w0 + adv_eps*|w0|]; the batch is run forward and backward on the
+    perturbed weights; then every weight is copied back bit for bit from the single backup, taken
+    before the first weight moves, so that a failure anywhere (even half-way through the
+    perturbation) leaves the weights as they were. Sizes are relative to each weight already.
+
+    objective: which gradient this micro-batch adds to .grad.
+    - "adversarial" (default): the gradient at the perturbed weights alone, the min-max objective of the
+      paper and of Kaggle's AWP (Feedback Prize 2021 1st place, whose `optimizer.zero_grad()` before the
+      adversarial backward does this). The clean gradient only sets the direction and never stays in
+      .grad; gradients of earlier micro-batches of an accumulation group stay (Kaggle's zero_grad wipes
+      them, a bug not copied here). Works under reentrant gradient checkpointing and DDP.
+    - "sum": the clean gradient plus the adversarial one (US Patent 1st place; this kit before 0.2).
+    In both, the direction is this micro-batch's gradient only, never earlier micro-batches'. Norms stay
+    on the device: no host sync per parameter.
 
         attack = AWP(model, adv_lr=1.0, adv_eps=0.01)
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
         optimizer.step(); optimizer.zero_grad()
     """
 
-    def __init__(self, model, adv_lr: float = 1.0, adv_eps: float = 0.01, param_filter: str = "weight"):
+    def __init__(self, model, adv_lr: float = 1.0, adv_eps: float = 0.01, param_filter: str = "weight",
+                 objective: str = "adversarial"):
+        if objective not in ("adversarial", "sum"):
+            raise ValueError(f"AWP objective must be 'adversarial' or 'sum', got {objective!r}")
         inner = getattr(model, "module", model)
         self.params = [p for n, p in inner.named_parameters() if p.requires_grad and param_filter in n]
         if not self.params:
             raise ValueError(f"AWP found no trainable parameter whose name contains {param_filter!r}")
-        self._ddp = model if hasattr(model, "no_sync") else None
-        self.adv_lr, self.adv_eps = adv_lr, adv_eps
+        self.model, self._ddp = model, model if hasattr(model, "no_sync") else None
+        self.adv_lr, self.adv_eps, self.objective = adv_lr, adv_eps, objective
         self.skipped = torch.zeros((), dtype=torch.long)
 
     def _no_sync(self):
@@ -1425,7 +1437,7 @@ class AWP:
         w_norm = torch.stack([w.float().norm() for w in backup])
         ok = torch.isfinite(g_norm).all()
         self.skipped = self.skipped.to(ok.device) + (~ok)
-        scale = torch.where(ok, self.adv_lr * w_norm / g_norm.clamp_min(1e-12), torch.zeros_like(g_norm))
+        scale = torch.where(ok, self.adv_lr * w_norm / (g_norm + 1e-6), torch.zeros_like(g_norm))  # Kaggle's 1e-6
         for p, g, w0, s in zip(params, grads, backup, scale.unbind()):
             step = (g * s.to(g.dtype)).nan_to_num_(0.0, 0.0, 0.0)
             bound = w0.abs().mul_(self.adv_eps)
@@ -1433,16 +1445,30 @@ class AWP:
             torch.maximum(step, bound.neg_(), out=step)
             p.add_(step.to(p.dtype))
 
-    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+    def _clean_gradients(self, loss):
+        """This micro-batch's gradient of each chosen weight (None where the loss does not reach it), read by
+        tensor hooks during the clean backward, so earlier micro-batches never leak into the direction. For
+        "adversarial", every .grad is set aside before and put back after: the clean gradient never lands."""
+        keep = self.objective == "adversarial"
+        every = [p for p in getattr(self.model, "module", self.model).parameters() if p.requires_grad] if keep else []
+        earlier = [p.grad for p in every]
         captured = [None] * len(self.params)
         hooks = [p.register_hook(lambda g, i=i: captured.__setitem__(i, g)) for i, p in enumerate(self.params)]
         try:
-            with self._no_sync():
-                loss = loss_fn(forward())
-                self._scaled(loss, scaler, accumulation_steps).backward()
+            for p in every:
+                p.grad = None
+            loss.backward()
         finally:
             for h in hooks:
                 h.remove()
+            for p, g in zip(every, earlier):
+                p.grad = g
+        return captured
+
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+        with self._no_sync():
+            loss = loss_fn(forward())
+            captured = self._clean_gradients(self._scaled(loss, scaler, accumulation_steps))
         hit = [i for i, g in enumerate(captured) if g is not None]
         params, grads = [self.params[i] for i in hit], [captured[i] for i in hit]
         captured.clear()
@@ -1632,7 +1658,8 @@ def make_attack(cfg: Config, model, task: Task | None = None):
             "pgd": lambda: PGD(model, eps=cfg.pgd_eps, alpha=cfg.pgd_alpha, steps=cfg.pgd_steps),
             "freelb": lambda: FreeLB(model, steps=cfg.freelb_steps, lr=cfg.freelb_lr, init_mag=cfg.freelb_init,
                                      max_norm=cfg.freelb_max_norm),
-            "awp": lambda: AWP(model, adv_lr=cfg.awp_lr, adv_eps=cfg.awp_eps, param_filter=cfg.awp_params),
+            "awp": lambda: AWP(model, adv_lr=cfg.awp_lr, adv_eps=cfg.awp_eps, param_filter=cfg.awp_params,
+                               objective=cfg.awp_objective),
             "sift": lambda: SiFT(model, alpha=cfg.sift_lambda, init=cfg.sift_init, lr=cfg.sift_lr,
                                  module=cfg.sift_module or None,
                                  divergence=task.divergence if task is not None else "symmetric-kl"),

@@ -218,6 +218,106 @@ def test_awp_only_touches_the_chosen_parameters(tiny):
     assert all(grads.values())  # every parameter still learns; only head.weight was moved
 
 
+class KaggleAWP:
+    """The AWP class of the Feedback Prize 2021 1st place and its FB3 copies, from its code: save, attack
+    step (adv_lr * g / (||g|| + 1e-6) * ||w||, clamped into w0 +- adv_eps*|w0|), optimizer.zero_grad(),
+    the adversarial backward, restore."""
+
+    def __init__(self, model, optimizer, adv_lr, adv_eps, adv_param="weight"):
+        self.model, self.optimizer, self.adv_lr, self.adv_eps, self.adv_param = model, optimizer, adv_lr, adv_eps, \
+            adv_param
+        self.backup, self.backup_eps = {}, {}
+
+    def attack_backward(self, batch, labels):
+        self._save()
+        self._attack_step()
+        adv_loss = F.cross_entropy(self.model(**batch), labels)
+        self.optimizer.zero_grad()
+        adv_loss.backward()
+        self._restore()
+
+    def _attack_step(self):
+        e = 1e-6
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                norm1, norm2 = torch.norm(param.grad), torch.norm(param.data.detach())
+                if norm1 != 0 and not torch.isnan(norm1):
+                    param.data.add_(self.adv_lr * param.grad / (norm1 + e) * norm2)
+                    param.data = torch.min(torch.max(param.data, self.backup_eps[name][0]), self.backup_eps[name][1])
+
+    def _save(self):
+        for name, param in self.model.named_parameters():
+            if param.requires_grad and param.grad is not None and self.adv_param in name:
+                if name not in self.backup:
+                    self.backup[name] = param.data.clone()
+                    grad_eps = self.adv_eps * param.abs().detach()
+                    self.backup_eps[name] = (self.backup[name] - grad_eps, self.backup[name] + grad_eps)
+
+    def _restore(self):
+        for name, param in self.model.named_parameters():
+            if name in self.backup:
+                param.data = self.backup[name]
+        self.backup, self.backup_eps = {}, {}
+
+
+def test_awp_adversarial_objective_equals_the_kaggle_awp_over_several_steps(tiny):
+    model, _, batch, labels = tiny
+    ours = copy.deepcopy(model)
+    theirs_opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ours_opt = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    kaggle = KaggleAWP(model, theirs_opt, adv_lr=0.5, adv_eps=0.01)
+    attack = advtrain.AWP(ours, adv_lr=0.5, adv_eps=0.01, objective="adversarial")
+    plain = copy.deepcopy(model)
+    plain_opt = torch.optim.AdamW(plain.parameters(), lr=1e-3)
+    batches = [(batch, labels), ({k: v.flip(0) for k, v in batch.items()}, labels.flip(0))] * 3
+    for b, y in batches:
+        F.cross_entropy(model(**b), y).backward()  # the script's clean backward, then AWP
+        kaggle.attack_backward(b, y)
+        theirs_opt.step()
+        theirs_opt.zero_grad()
+        step(attack, ours, b, y)
+        ours_opt.step()
+        ours_opt.zero_grad()
+        F.cross_entropy(plain(**b), y).backward()
+        plain_opt.step()
+        plain_opt.zero_grad()
+    moved = max((a - c).abs().max().item() for a, c in zip(model.parameters(), plain.parameters()))
+    apart = max((a - b).abs().max().item() for a, b in zip(model.parameters(), ours.parameters()))
+    assert moved > 1e-4  # the attack changes training: the comparison can fail
+    assert apart < 1e-6 < moved / 100
+
+
+def test_awp_sum_objective_keeps_the_clean_gradient_and_adversarial_does_not(tiny):
+    model, _, batch, labels = tiny
+    clean = copy.deepcopy(model)
+    F.cross_entropy(clean(**batch), labels).backward()
+    grads = {}
+    for objective in ("adversarial", "sum"):
+        m = copy.deepcopy(model)
+        step(advtrain.AWP(m, objective=objective), m, batch, labels)
+        grads[objective] = {n: p.grad.clone() for n, p in m.named_parameters()}
+    for (n, p), c in zip(model.named_parameters(), clean.parameters()):
+        torch.testing.assert_close(grads["sum"][n], grads["adversarial"][n] + c.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("objective", ["adversarial", "sum"])
+def test_awp_keeps_the_earlier_micro_batchs_gradient_under_accumulation(objective, tiny):
+    model, _, batch, labels = tiny
+    first = ({k: v.flip(0) for k, v in batch.items()}, labels.flip(0))
+    earlier, alone = copy.deepcopy(model), copy.deepcopy(model)
+    step(advtrain.Baseline(earlier), earlier, *first, accum=2)
+    step(advtrain.AWP(alone, objective=objective), alone, batch, labels, accum=2)
+    step(advtrain.Baseline(model), model, *first, accum=2)
+    step(advtrain.AWP(model, objective=objective), model, batch, labels, accum=2)
+    for (n, p), e, a in zip(model.named_parameters(), earlier.parameters(), alone.parameters()):
+        torch.testing.assert_close(p.grad, e.grad + a.grad, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_awp_refuses_an_unknown_objective(tiny):
+    with pytest.raises(ValueError, match="'adversarial' or 'sum'"):
+        advtrain.AWP(tiny[0], objective="min-max")
+
+
 # --- SiFT as DeBERTa's sift.py defines it ------------------------------------------------------
 
 def deberta_symmetric_kl(logits, target):
@@ -362,7 +462,8 @@ def test_non_finite_gradient_under_grad_scaler_skips_the_attack(method, call, ti
     no_hooks_left(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     advtrain.optimizer_step(model, optimizer, advtrain.build_scheduler(optimizer, "constant", 0, 1), scaler, 1.0)
-    if (method, call) == ("sift", 2):  # its ascent pass feeds no parameter gradient: the optimizer step goes ahead
+    if (method, call) in (("sift", 2), ("awp", 1)):  # passes that feed no parameter gradient (SiFT's ascent,
+        # AWP's clean pass under the adversarial objective): the unperturbed pass's gradient steps ahead
         assert all(torch.isfinite(p).all() for p in model.parameters())
         assert not torch.equal(model.head.weight, before["head.weight"])
     else:  # a non-finite gradient reached the parameters: GradScaler skips the optimizer step

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -2922,22 +2923,66 @@ def paired_interval(diffs) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def run_dir_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+def run_dir_name(method: str, seed: int, setting: dict | None = None) -> str:
+    """<method>-seed<seed>, with the grid's settings of that run between: awp-awp_lr=0.5-seed42."""
+    return "-".join([method, *(f"{k}={v}" for k, v in (setting or {}).items()), f"seed{seed}"])
 
 
 # Settings that do not change a run's result: a finished run is reused whatever they were.
 _NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
+# Settings of the attack's schedule, and the methods they change (the baseline never).
+_ATTACK_SETTINGS = {"adv_start": METHODS[1:], "adv_threshold": METHODS[1:], "eps_relative": ("fgm", "pgd", "freelb")}
+
+
+def touches(name: str, method: str) -> bool:
+    """Whether the setting `name` can change a run of `method`: a method's own settings (awp_lr) change
+    only that method, the attack's schedule every attack, everything else (lr, epochs) every method."""
+    owner = name.split("_")[0]
+    if owner in METHODS[1:]:
+        return owner == method
+    return method in _ATTACK_SETTINGS.get(name, METHODS)
 
 
 def _differing_settings(recorded: dict, wanted: Config) -> list[str]:
     """The settings in which a finished run's recorded config differs from the wanted one: every setting
-    that can change the result counts. A setting the run did not record (it predates that setting)
-    counts as its default."""
+    that can change this method's result counts. A setting the run did not record (it predates that
+    setting) counts as its default."""
     want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
     for name in ("text_cols", "target_cols"):
         defaults[name] = _columns(defaults[name], name)
-    return [k for k in want if k not in _NOT_RESULTS and recorded.get(k, defaults[k]) != want[k]]
+    return [k for k in want if k not in _NOT_RESULTS and touches(k, wanted.method)
+            and recorded.get(k, defaults[k]) != want[k]]
+
+
+def parse_grid(items) -> dict:
+    """--grid KEY=V1,V2 [KEY=...]: each Config field to its values, typed as the field."""
+    fields, grid = {f.name: f for f in dataclasses.fields(Config)}, {}
+    for item in items or []:
+        key, sep, values = str(item).partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or key not in fields or key in _NOT_RESULTS + ("method", "seed", "preset"):
+            raise UserError(f"--grid {item!r}: write KEY=V1,V2 where KEY is a setting such as awp_lr, fgm_eps, "
+                            "adv_start or epochs (a Config field other than method, seed and preset).")
+        if key in grid:
+            raise UserError(f"--grid names {key} twice: give all its values in one KEY=V1,V2.")
+        kind, parsed = _field_type(fields[key]), []
+        for value in (v.strip() for v in values.split(",")):
+            try:
+                if kind is bool:
+                    parsed.append({"true": True, "1": True, "false": False, "0": False}[value.lower()])
+                else:
+                    parsed.append(kind(value))
+            except (KeyError, ValueError):
+                raise UserError(f"--grid {key}: {value!r} is not a {kind.__name__}.") from None
+        grid[key] = list(dict.fromkeys(parsed))
+    return grid
+
+
+def grid_settings(grid: dict, method: str) -> list[dict]:
+    """The settings `method` runs under: every combination of the grid's values of the settings that touch
+    it; one empty setting when none does (the baseline under an AWP grid trains once per seed)."""
+    keys = [k for k in grid if touches(k, method)]
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
 def result_row(path: Path) -> tuple[dict, dict]:
@@ -2961,136 +3006,221 @@ def _run_task(root: Path, run_name: str) -> tuple[Task, dict]:
     return Task(**m["task"]), m
 
 
-def with_changed_labels(root: Path, results: pd.DataFrame, reference: str) -> pd.DataFrame:
+def reference_runs(results: pd.DataFrame, reference: str, keys=()) -> list:
+    """For each run, the reference method's run it is paired with: the same seed, and the same values of
+    the grid settings that touch the reference (an awp run at lr 1e-5 with the baseline at lr 1e-5);
+    None where there is none."""
+    shared = [k for k in keys if touches(k, reference)]
+    ref = {(r["seed"], *(r[k] for k in shared)): r["run"] for _, r in results.iterrows() if r["method"] == reference}
+    return [None if r["method"] == reference else ref.get((r["seed"], *(r[k] for k in shared)))
+            for _, r in results.iterrows()]
+
+
+def with_changed_labels(root: Path, results: pd.DataFrame, reference: str, keys=()) -> pd.DataFrame:
     """results with `labels_changed`: for each run whose submission holds labels, the share of its test
-    labels that differ against the reference method's run of the same seed (does the method change what
-    is submitted?); nan where the submission holds probabilities or values."""
+    labels that differ from its paired reference run's (does the method change what is submitted?);
+    nan where the submission holds probabilities or values."""
     task, _ = _run_task(root, results["run"].iloc[0])
     if not task.writes_labels:
         return results.assign(labels_changed=np.nan)
+
     def labels(run_name):
         sub = pd.read_csv(Path(root) / run_name / "submission.csv", dtype=str, keep_default_na=False)
         return sub.set_index(sub.columns[0])
 
-    labels = {r.run: labels(r.run) for r in results.itertuples()}
-    ref = {r.seed: labels[r.run] for r in results.itertuples() if r.method == reference}
-    changed = [float((labels[r.run] != ref[r.seed].loc[labels[r.run].index]).any(axis=1).mean())
-               if r.seed in ref else np.nan for r in results.itertuples()]
+    tables = {run: labels(run) for run in results["run"]}
+    changed = [float((tables[run] != tables[ref].loc[tables[run].index]).any(axis=1).mean()) if ref else np.nan
+               for run, ref in zip(results["run"], reference_runs(results, reference, keys))]
     return results.assign(labels_changed=changed)
 
 
-def summarize(results: pd.DataFrame, reference: str = "baseline"):
-    """(per-method mean and std, per-method paired difference from the reference on the same seeds).
-    `gain` is the difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
-    metrics = ["valid_best", "score", "attack_seen"]
-    order = list(dict.fromkeys(results["method"]))
-    summary = results.assign(attack_seen=results["attack_seen"].astype(float)).groupby(
-        "method", sort=False)[metrics].agg(["mean", "std", "count"]).loc[order]
+def variants(results: pd.DataFrame, keys=()) -> list[tuple[str, dict]]:
+    """(method, setting) of each distinct row of the comparison, in the order of the runs."""
+    seen = {}
+    for _, r in results.iterrows():
+        setting = {k: r[k] for k in keys if touches(k, r["method"])}
+        seen.setdefault((r["method"], *setting.items()), (r["method"], setting))
+    return list(seen.values())
+
+
+def _of(results: pd.DataFrame, method: str, setting: dict) -> pd.DataFrame:
+    mask = results["method"] == method
+    for k, v in setting.items():
+        mask &= results[k] == v
+    return results[mask]
+
+
+def _label(method: str, setting: dict) -> str:
+    return method + (f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else "")
+
+
+def summarize(results: pd.DataFrame, reference: str = "baseline", keys=()) -> pd.DataFrame:
+    """One row per method and grid setting (results.csv): mean and std over seeds, how many selected a
+    checkpoint trained with the attack, the share of changed test labels, and the paired difference
+    from the reference run of the same seed (and shared settings) with its 95% CI. `gain` is that
+    difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
-    diffs = []
-    ref = results[results["method"] == reference].set_index("seed")
-    for method in order:
-        if method == reference or ref.empty:
-            continue
-        mine = results[results["method"] == method].set_index("seed")
-        seeds = sorted(set(mine.index) & set(ref.index))
-        if not seeds:
-            continue
-        diff, lo, hi = paired_interval(mine.loc[seeds, "score"] - ref.loc[seeds, "score"])
-        glo, ghi = sorted([sign * lo, sign * hi])
-        diffs.append({"method": method, "seeds": len(seeds), "diff": diff, "lo": lo, "hi": hi,
-                      "gain": sign * diff, "gain_lo": glo, "gain_hi": ghi})
-    return summary, pd.DataFrame(diffs)
+    results = results.assign(paired=reference_runs(results, reference, keys))
+    score = dict(zip(results["run"], results["score"]))
+    rows = []
+    for method, setting in variants(results, keys):
+        mine = _of(results, method, setting)
+        row = {"method": method, **{k: setting.get(k, np.nan) for k in keys}, "seeds": len(mine),
+               "metric": mine["metric"].iloc[0], "score_mean": mine["score"].mean(), "score_std": mine["score"].std(),
+               "valid_best_mean": mine["valid_best"].mean(), "valid_best_std": mine["valid_best"].std(),
+               "attack_seen": int(mine["attack_seen"].sum()), "labels_changed": mine["labels_changed"].mean(),
+               "labels_changed_min": mine["labels_changed"].min(), "paired_seeds": 0}
+        pairs = mine.dropna(subset=["paired"]) if method != reference else mine.iloc[:0]
+        if len(pairs):
+            diff, lo, hi = paired_interval(pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]])
+            glo, ghi = sorted([sign * lo, sign * hi])
+            row.update(paired_seeds=len(pairs), diff=diff, lo=lo, hi=hi, gain=sign * diff, gain_lo=glo, gain_hi=ghi)
+        rows.append(row)
+    summary = pd.DataFrame(rows)
+    for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi"):  # present even when nothing is paired
+        if name not in summary:
+            summary[name] = np.nan
+    return summary
 
 
-def _verdict(row, reference: str, metric: str) -> str:
+def _verdict(row, reference: str, metric: str, label: str) -> str:
     if math.isnan(row["lo"]):
-        return f"{row['method']} vs {reference}: {row['diff']:+.4f} {metric} on one seed; one seed gives no interval."
+        return f"{label} vs {reference}: {row['diff']:+.4f} {metric} on one seed; one seed gives no interval."
     if row["gain_lo"] > 0:
         verdict = "better, distinguishable from zero"
     elif row["gain_hi"] < 0:
         verdict = "worse, distinguishable from zero"
     else:
         verdict = "not distinguishable from zero"
-    return (f"{row['method']} vs {reference}: {row['diff']:+.4f} {metric} (95% CI {row['lo']:+.4f} to "
-            f"{row['hi']:+.4f}, {row['seeds']} seeds; {'higher' if METRICS[metric] else 'lower'} is better): "
+    return (f"{label} vs {reference}: {row['diff']:+.4f} {metric} (95% CI {row['lo']:+.4f} to "
+            f"{row['hi']:+.4f}, {row['paired_seeds']} seeds; {'higher' if METRICS[metric] else 'lower'} is better): "
             f"{verdict}.")
 
 
-def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "") -> str:
-    summary, diffs = summarize(results, reference)
-    metric, on = results["metric"].iloc[0], "score"
+def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=()) -> str:
+    summary = summarize(results, reference, keys)
+    metric = results["metric"].iloc[0]
 
-    def cell(method, name):
-        mean, std, n = (summary.loc[method, (name, k)] for k in ("mean", "std", "count"))
-        return f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}"
+    def cell(r, name):
+        return f"{r[name + '_mean']:.4f} ± {r[name + '_std']:.4f}" if r["seeds"] > 1 else f"{r[name + '_mean']:.4f}"
 
-    lines = [header, f"| method | seeds | selected after the attack started | test labels changed | valid best | "
-             f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better) |", "|---|---|---|---|---|---|"]
-    for method in summary.index:
-        n = int(summary.loc[method, (on, "count")])
-        seen = "n/a" if method == reference else f"{round(summary.loc[method, ('attack_seen', 'mean')] * n)}/{n}"
-        rows = results[results["method"] == method]
-        changed = "n/a" if method == reference or rows["labels_changed"].isna().all() else \
-            f"{100 * rows['labels_changed'].mean():.1f}% (min {100 * rows['labels_changed'].min():.1f}%)"
-        lines.append(f"| {method} | {n} | {seen} | {changed} | {cell(method, 'valid_best')} | {cell(method, on)} |")
+    def setting(r):
+        return "".join(f" {'-' if pd.isna(r[k]) else r[k]} |" for k in keys)
+
+    head = "".join(f" {k} |" for k in keys)
+    lines = [header, f"| method |{head} seeds | selected after the attack started | test labels changed | "
+             f"valid best | {metric} ({'higher' if METRICS[metric] else 'lower'} is better) |",
+             "|---|" + "---|" * (len(keys) + 5)]
+    for _, r in summary.iterrows():
+        seen = "n/a" if r["method"] == reference else f"{r['attack_seen']}/{r['seeds']}"
+        changed = "n/a" if r["method"] == reference or pd.isna(r["labels_changed"]) else \
+            f"{100 * r['labels_changed']:.1f}% (min {100 * r['labels_changed_min']:.1f}%)"
+        lines.append(f"| {r['method']} |{setting(r)} {r['seeds']} | {seen} | {changed} | {cell(r, 'valid_best')} | "
+                     f"{cell(r, 'score')} |")
     lines.append(f"\nmean ± standard deviation over seeds; {metric} on the holdout (out-of-fold for kfold)"
                  + (", at the run's threshold." if metric == "f1" else "."))
+    diffs = summary.dropna(subset=["diff"])
     if len(diffs):
         lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
-                  f"| method | seeds | Δ {metric} | 95% CI | gain (positive is better) |", "|---|---|---|---|---|"]
+                  f"| method |{head} seeds | Δ {metric} | 95% CI | gain (positive is better) |",
+                  "|---|" + "---|" * (len(keys) + 4)]
         for _, r in diffs.iterrows():
             ci = f"{r['lo']:+.4f} to {r['hi']:+.4f}" if not math.isnan(r["lo"]) else "n/a"
-            lines.append(f"| {r['method']} | {r['seeds']} | {r['diff']:+.4f} | {ci} | {r['gain']:+.4f} |")
+            lines.append(f"| {r['method']} |{setting(r)} {r['paired_seeds']} | {r['diff']:+.4f} | {ci} | "
+                         f"{r['gain']:+.4f} |")
         lines.append("")
-        lines += [_verdict(r, reference, metric) for _, r in diffs.iterrows()]
+        lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}))
+                  for _, r in diffs.iterrows()]
     return "\n".join(lines).strip() + "\n"
 
 
-def plot_results(root: Path, results: pd.DataFrame) -> list[Path]:
-    """valid.png (the selection metric on validation at every evaluation: mean line, min-max band over
-    seeds) and score.png (the competition metric per method: seeds and mean)."""
+def _figure():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    methods, metric = list(dict.fromkeys(results["method"])), results["metric"].iloc[0]
     fig = Figure(figsize=(7, 4.5), dpi=110)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_results(root: Path, results: pd.DataFrame, keys=()) -> list[Path]:
+    """valid.png (the selection metric on validation at every evaluation: mean line, min-max band over
+    seeds), score.png (the competition metric per method and setting: seeds and mean) and, for a grid,
+    grid.png (the metric against each grid setting, one line per method, error bars over seeds)."""
+    metric, order = results["metric"].iloc[0], variants(results, keys)
+    direction = "higher" if METRICS[metric] else "lower"
+    fig = _figure()
     ax = fig.add_subplot()
-    for method in methods:
-        runs = [json.loads((root / run / "metrics.json").read_text()) for run in
-                results.loc[results["method"] == method, "run"]]
+    for method, setting in order:
+        runs = [json.loads((root / run / "metrics.json").read_text()) for run in _of(results, method, setting)["run"]]
         select = runs[0]["config"]["select_metric"] or metric
         width = min(len(r["evaluations"]) for r in runs)
         curves = np.array([[e[f"valid_{select}"] for e in r["evaluations"][:width]] for r in runs], dtype=float)
         x = [e["epoch"] for e in runs[0]["evaluations"][:width]]
-        line, = ax.plot(x, curves.mean(0), marker="o", markersize=3, label=method)
+        line, = ax.plot(x, curves.mean(0), marker="o", markersize=3, label=_label(method, setting))
         ax.fill_between(x, curves.min(0), curves.max(0), color=line.get_color(), alpha=0.15)
     ax.set(title=f"Validation {select} at each evaluation (mean over seeds, band: min-max)", xlabel="epoch",
            ylabel=f"validation {select}")
-    ax.legend()
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = [root / "valid.png"]
     fig.savefig(paths[0])
 
-    fig = Figure(figsize=(7, 4.5), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _figure()
     ax = fig.add_subplot()
-    for x, method in enumerate(methods):
-        scores = results.loc[results["method"] == method, "score"].to_numpy()
+    for x, (method, setting) in enumerate(order):
+        scores = _of(results, method, setting)["score"].to_numpy()
         jitter = np.linspace(-0.08, 0.08, len(scores)) if len(scores) > 1 else np.zeros(1)
         ax.scatter(x + jitter, scores, alpha=0.7, label="seeds" if x == 0 else None, color="tab:blue")
         ax.hlines(scores.mean(), x - 0.25, x + 0.25, color="tab:red", linewidth=2, label="mean" if x == 0 else None)
-    ax.set_xticks(range(len(methods)), methods)
-    ax.set(title=f"{metric} per method ({'higher' if METRICS[metric] else 'lower'} is better; points: seeds, "
-           "bar: mean)", xlabel="method", ylabel=metric)
+    ax.set_xticks(range(len(order)), [_label(m, s).replace(" (", "\n(") for m, s in order],
+                  rotation=30 if len(order) > 4 else 0, fontsize="small" if len(order) > 4 else None)
+    ax.set(title=f"{metric} per method ({direction} is better; points: seeds, bar: mean)", ylabel=metric)
     ax.legend()
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     paths.append(root / "score.png")
     fig.savefig(paths[1])
+    if keys:
+        paths.append(plot_grid(root / "grid.png", results, keys))
     return paths
+
+
+def plot_grid(path: Path, results: pd.DataFrame, keys) -> Path:
+    """One panel per grid setting: the competition metric against its values, one line per method (and
+    per value of the other settings), error bars: std over seeds; methods it does not touch as a
+    horizontal line with a band."""
+    metric = results["metric"].iloc[0]
+    fig = _figure()
+    fig.set_size_inches(6 * len(keys), 4.5)
+    for i, key in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), i + 1)
+        values = list(dict.fromkeys(results[key].dropna()))
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        position = {v: (v if numeric else j) for j, v in enumerate(values)}
+        for method, setting in variants(results, [k for k in keys if k != key]):
+            rows = _of(results, method, setting)
+            label = _label(method, setting)
+            if not touches(key, method):
+                mean, std = rows["score"].mean(), rows["score"].std()
+                line = ax.axhline(mean, linestyle="--", color="gray" if method == "baseline" else None, label=label)
+                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.1)
+                continue
+            stats = rows.groupby(key, sort=False)["score"].agg(["mean", "std"])
+            stats = stats.loc[[v for v in values if v in stats.index]]
+            ax.errorbar([position[v] for v in stats.index], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
+                        capsize=3, label=label)
+        if numeric and min(values) > 0 and max(values) / min(values) >= 100:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(values)), [str(v) for v in values])
+        ax.set(title=f"{metric} against {key}", xlabel=key, ylabel=metric)
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
@@ -3115,13 +3245,17 @@ def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
             "mean_pairwise_difference": float(np.mean(apart)) if apart else 0.0}
 
 
-def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None) -> pd.DataFrame:
-    """Run every method x seed (the same split for all methods of one seed) into cfg.output_dir/<method>-seed<seed>/,
-    then write results.csv, results.md and the plots from exactly those runs, in the competition's metric.
-    A finished run is reused only if it was made with the same settings; otherwise compare stops and says
-    which settings differ (pass --overwrite to run it again); a run interrupted before it finished is
-    resumed (cfg.resume) or started. ensemble: the methods whose test predictions to average into
-    ensemble_submission.csv."""
+def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None,
+            grid=None) -> pd.DataFrame:
+    """Run every method x grid setting x seed (the same split for all runs of one seed) into
+    cfg.output_dir/<run_dir_name>/, then write runs.csv (one row per run), results.csv and results.md (one
+    row per method and setting, with the paired difference from the baseline and its 95% CI) and the
+    plots, from exactly those runs, in the competition's metric. grid ({setting: values}, parse_grid):
+    each method runs under every combination of the settings that touch it (`touches`), so the baseline
+    trains once per seed under an AWP grid and is paired with every setting. A finished run is reused
+    only if it was made with the same settings; otherwise compare stops and says which settings differ
+    (pass --overwrite to run it again); a run interrupted before it finished is resumed (cfg.resume) or
+    started. ensemble: the methods whose test predictions to average into ensemble_submission.csv."""
     methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(int(s) for s in seeds))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or not seeds:
@@ -3133,39 +3267,52 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     missing = [m for m in ensemble or [] if m not in methods]
     if missing:
         raise UserError(f"--ensemble names {', '.join(missing)}, which --methods does not run.")
+    grid = dict(grid or {})
+    idle = [k for k in grid if not any(touches(k, m) for m in methods)]
+    if idle:
+        raise UserError(f"--grid {idle[0]} changes none of --methods {','.join(methods)}: add the method it "
+                        "belongs to, or drop it from the grid.")
     root = Path(cfg.output_dir).expanduser()
     if root.exists() and not root.is_dir() or root.is_symlink() and not root.exists():
         raise UserError(f"compare's output_dir {root} is a file (or a broken link): choose a folder with --output-dir.")
-    root.mkdir(parents=True, exist_ok=True)
-    rows = []
+    plan = []  # every run, its settings checked before any training
     for seed in seeds:
         for method in methods:
-            out = root / run_dir_name(method, seed)
-            wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True,
-                                         resume=cfg.resume and (out / STAGE / CHECKPOINT).is_file())
-            if (out / "metrics.json").is_file():
-                row, recorded = result_row(out / "metrics.json")
-                differ = _differing_settings(recorded, wanted)
-                if not differ:
-                    print(f"compare: {out} is finished with the same settings, not run again")
-                    rows.append(row)
-                    continue
-                if not cfg.overwrite:
-                    raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
-                                    "run it again with these, or choose another --output-dir.")
-            print(f"compare: {method} seed {seed} -> {out}")
-            run(wanted, train, test, sample_submission)
-            rows.append(result_row(out / "metrics.json")[0])
-    reference = "baseline" if "baseline" in methods else methods[0]
-    results = with_changed_labels(root, pd.DataFrame(rows), reference)
-    atomic_write(root / "results.csv", lambda tmp: results.to_csv(tmp, index=False))
+            for setting in grid_settings(grid, method):
+                out = root / run_dir_name(method, seed, setting)
+                plan.append((setting, dataclasses.replace(
+                    cfg, method=method, seed=seed, output_dir=str(out), overwrite=True,
+                    resume=cfg.resume and (out / STAGE / CHECKPOINT).is_file(), **setting)))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for setting, wanted in plan:
+        out = Path(wanted.output_dir)
+        if (out / "metrics.json").is_file():
+            row, recorded = result_row(out / "metrics.json")
+            differ = _differing_settings(recorded, wanted)
+            if not differ:
+                print(f"compare: {out} is finished with the same settings, not run again")
+                rows.append({**row, **{k: setting.get(k, np.nan) for k in grid}})
+                continue
+            if not cfg.overwrite:
+                raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
+                                "run it again with these, or choose another --output-dir.")
+        print(f"compare: {_label(wanted.method, setting)} seed {wanted.seed} -> {out}")
+        run(wanted, train, test, sample_submission)
+        rows.append({**result_row(out / "metrics.json")[0], **{k: setting.get(k, np.nan) for k in grid}})
+    reference, keys = ("baseline" if "baseline" in methods else methods[0]), list(grid)
+    results = with_changed_labels(root, pd.DataFrame(rows), reference, keys)
+    atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
+    summary = summarize(results, reference, keys)
+    atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
+    searched = "".join(f", {k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
     header = (f"# advtrain comparison\n\nmodel `{shown}`, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
               f"attack from {cfg.adv_start}, evaluation every {cfg.eval_every} epoch, metric "
-              f"{results['metric'].iloc[0]}, split {cfg.split}, seeds {', '.join(map(str, seeds))}.\n")
-    text = results_markdown(results, reference, header)
+              f"{results['metric'].iloc[0]}, split {cfg.split}, seeds {', '.join(map(str, seeds))}{searched}.\n")
+    text = results_markdown(results, reference, header, keys)
     if ensemble:
-        runs = [run_dir_name(m, s) for m in ensemble for s in seeds]
+        runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]
         info = ensemble_submission(root, runs, root / "ensemble_submission.csv")
         apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
                  if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
@@ -3173,9 +3320,9 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
         text += (f"\nEnsemble of {', '.join(ensemble)} over {len(seeds)} seed(s) ({len(runs)} runs): "
                  f"ensemble_submission.csv; {apart}.\n")
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text))
-    plot_results(root, results)
+    plot_results(root, results, keys)
     print(text)
-    return results
+    return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3347,6 +3494,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--methods", default="baseline,fgm,awp,sift", help="comma-separated (default: %(default)s)")
     comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
     comp.add_argument("--ensemble", default="", help="methods whose runs to average into ensemble_submission.csv")
+    comp.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+                      help="settings to search: every method x combination x seed, e.g. --grid awp_lr=1e-3,1 "
+                      "awp_objective=adversarial,sum; the baseline runs once per seed unless a setting touches it")
     add_config_flags(comp, {"output_dir": "submissions/compare"})
     pred = sub.add_parser("predict", help="predict the test file with saved runs (offline): average their models "
                           "into submission.csv and test_probs.csv")
@@ -3405,7 +3555,7 @@ def main(argv=None) -> int:
             if not all(s.strip().lstrip("-").isdigit() for s in seeds):
                 raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}.")
             compare(cfg, [m for m in args.methods.split(",") if m], seeds,
-                    [m for m in args.ensemble.split(",") if m] or None)
+                    [m for m in args.ensemble.split(",") if m] or None, grid=parse_grid(args.grid))
         elif args.command == "predict":
             weights = [w for w in args.weights.split(",") if w]
             if not all(_is_number(w, minimum=0) for w in weights):

@@ -37,12 +37,13 @@ def test_summary_on_a_hand_made_results_table():
         "valid_best": [0.80, 0.81, 0.82, 0.81, 0.82, 0.83, 0.80, 0.80, 0.80],
         "score": [0.70, 0.72, 0.74, 0.72, 0.75, 0.77, 0.69, 0.73, 0.73],
         "attack_seen": [False] * 3 + [True, True, False] + [True] * 3,
-        "labels_changed": [np.nan] * 3 + [0.1, 0.2, 0.3] + [0.05] * 3,
+        "labels_changed": [np.nan] * 3 + [0.1, 0.2, 0.3] + [0.05] * 3, "run": [f"run{i}" for i in range(9)],
     })
-    summary, diffs = advtrain.summarize(results)
-    assert summary.loc["fgm", ("score", "mean")] == pytest.approx(2.24 / 3)
-    assert summary.loc["baseline", ("score", "std")] == pytest.approx(0.02)
-    fgm = diffs.set_index("method").loc["fgm"]
+    summary = advtrain.summarize(results).set_index("method")
+    assert summary.loc["fgm", "score_mean"] == pytest.approx(2.24 / 3)
+    assert summary.loc["baseline", "score_std"] == pytest.approx(0.02)
+    assert np.isnan(summary.loc["baseline", "diff"])
+    fgm = summary.loc["fgm"]
     # paired F1 differences: 0.02, 0.03, 0.03 -> mean 0.02667, sd 0.005774
     assert fgm["diff"] == pytest.approx(0.08 / 3) and fgm["gain"] == pytest.approx(0.08 / 3)
     assert fgm["lo"] == pytest.approx(0.0266667 - 4.303 * 0.0057735 / np.sqrt(3), rel=1e-4)
@@ -57,8 +58,9 @@ def test_summary_on_a_hand_made_results_table():
 def test_a_lower_rmse_is_a_gain():
     results = pd.DataFrame({"method": ["baseline"] * 3 + ["awp"] * 3, "seed": [1, 2, 3] * 2, "metric": "rmse",
                             "higher_is_better": False, "valid_best": 0.5, "attack_seen": [False] * 3 + [True] * 3,
-                            "score": [0.60, 0.62, 0.61, 0.55, 0.58, 0.56], "labels_changed": np.nan})
-    awp = advtrain.summarize(results)[1].set_index("method").loc["awp"]
+                            "score": [0.60, 0.62, 0.61, 0.55, 0.58, 0.56], "labels_changed": np.nan,
+                            "run": [f"run{i}" for i in range(6)]})
+    awp = advtrain.summarize(results).set_index("method").loc["awp"]
     assert awp["diff"] == pytest.approx(-0.04666667) and awp["gain"] == pytest.approx(0.04666667)
     assert awp["gain_lo"] > 0
     text = advtrain.results_markdown(results)
@@ -80,8 +82,10 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     assert advtrain.main(args) == 0
     for run in ("baseline-seed1", "baseline-seed2", "fgm-seed1", "fgm-seed2"):
         assert (out / run / "metrics.json").is_file() and (out / run / "submission.csv").is_file()
-    results = pd.read_csv(out / "results.csv")
+    results = pd.read_csv(out / "runs.csv")
     assert len(results) == 4 and set(results["method"]) == {"baseline", "fgm"}
+    summary = pd.read_csv(out / "results.csv")
+    assert list(summary["method"]) == ["baseline", "fgm"] and list(summary["seeds"]) == [2, 2]
     text = (out / "results.md").read_text()
     for method in ("baseline", "fgm"):
         rows = results[results["method"] == method]
@@ -146,7 +150,7 @@ def test_compare_counts_only_the_runs_it_defines(data_dir, model_dirs, tmp_path)
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
     shutil.copytree(out / "fgm-seed1", out / "fgm-seed1-copy")  # a copied folder is no extra seed
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
-    results = pd.read_csv(out / "results.csv")
+    results = pd.read_csv(out / "runs.csv")
     assert len(results) == 4 and sorted(results["run"]) == ["baseline-seed1", "baseline-seed2", "fgm-seed1",
                                                             "fgm-seed2"]
 
@@ -163,3 +167,62 @@ def test_compare_names_a_broken_metrics_json(data_dir, model_dirs, tmp_path, cap
     (out / "fgm-seed1" / "metrics.json").write_text('{"config": ')
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 2
     assert "fgm-seed1/metrics.json is not a metrics.json of this advtrain version" in capsys.readouterr().err
+
+
+def test_grid_flags_are_typed_config_fields_and_touch_only_their_methods():
+    grid = advtrain.parse_grid(["awp_lr=1e-4,1", "awp-objective=adversarial,sum", "epochs=2"])
+    assert grid == {"awp_lr": [1e-4, 1.0], "awp_objective": ["adversarial", "sum"], "epochs": [2]}
+    assert advtrain.grid_settings(grid, "baseline") == [{"epochs": 2}]
+    assert len(advtrain.grid_settings(grid, "awp")) == 4 and len(advtrain.grid_settings(grid, "fgm")) == 1
+    assert advtrain.touches("adv_start", "sift") and not advtrain.touches("adv_start", "baseline")
+    assert not advtrain.touches("fgm_eps", "awp") and advtrain.touches("lr", "baseline")
+    for bad, says in [("awp_lr", "write KEY=V1,V2"), ("seed=1,2", "other than method, seed"),
+                      ("epochs=1.5", "'1.5' is not a int"), ("magic=1", "write KEY=V1,V2")]:
+        with pytest.raises(advtrain.UserError, match=says):
+            advtrain.parse_grid([bad])
+    with pytest.raises(advtrain.UserError, match="names awp_lr twice"):
+        advtrain.parse_grid(["awp_lr=1", "awp_lr=2"])
+    with pytest.raises(advtrain.UserError, match="changes none of --methods baseline,fgm"):
+        advtrain.compare(advtrain.Config(output_dir="unused"), ["baseline", "fgm"], [1], grid={"awp_lr": [1.0]})
+
+
+def test_a_grid_pairs_every_setting_with_the_baseline_of_the_same_seed():
+    runs = pd.DataFrame({
+        "method": ["baseline"] * 2 + ["awp"] * 4, "seed": [1, 2, 1, 2, 1, 2], "metric": "f1",
+        "higher_is_better": True, "valid_best": 0.8, "attack_seen": [False] * 2 + [True] * 4,
+        "score": [0.70, 0.72, 0.71, 0.74, 0.69, 0.70], "labels_changed": np.nan,
+        "awp_lr": [np.nan, np.nan, 0.5, 0.5, 1.0, 1.0], "run": [f"run{i}" for i in range(6)]})
+    summary = advtrain.summarize(runs, keys=["awp_lr"])
+    assert list(summary["method"]) == ["baseline", "awp", "awp"] and np.isnan(summary["awp_lr"][0])
+    assert list(summary["awp_lr"][1:]) == [0.5, 1.0]
+    assert summary["diff"][1:].tolist() == pytest.approx([0.015, -0.015])
+    text = advtrain.results_markdown(runs, keys=["awp_lr"])
+    assert "| awp | 0.5 | 2 | +0.0150 |" in text and "| baseline | - | 2 | n/a |" in text
+    assert "awp (awp_lr=1.0) vs baseline: -0.0150 f1" in text
+
+
+@pytest.mark.slow
+def test_compare_grid_trains_the_baseline_once_per_seed_and_resumes_without_training(data_dir, model_dirs,
+                                                                                     tmp_path, monkeypatch):
+    out = tmp_path / "grid"
+    args = compare_args(data_dir, model_dirs["bert"], out, "--grid", "awp_lr=0.5,1.0")
+    args[args.index("--methods") + 1] = "baseline,awp"
+    ran = []
+    real_run = advtrain.run
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: (ran.append((cfg.method, cfg.awp_lr, cfg.seed)),
+                                                          real_run(cfg, *a))[1])
+    assert advtrain.main(args) == 0
+    assert sorted(m for m, _, _ in ran) == ["awp"] * 4 + ["baseline"] * 2
+    assert sorted((lr, s) for m, lr, s in ran if m == "awp") == [(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]
+    summary = pd.read_csv(out / "results.csv")
+    assert list(summary["method"]) == ["baseline", "awp", "awp"] and list(summary["awp_lr"][1:]) == [0.5, 1.0]
+    runs = pd.read_csv(out / "runs.csv").set_index("run")
+    for _, row in summary.iloc[1:].iterrows():
+        mine = [runs.loc[f"awp-awp_lr={row['awp_lr']}-seed{s}", "score"] - runs.loc[f"baseline-seed{s}", "score"]
+                for s in (1, 2)]
+        assert row["diff"] == pytest.approx(np.mean(mine)) and row["paired_seeds"] == 2
+        assert not np.isnan(row["lo"]) and row["lo"] <= row["diff"] <= row["hi"]
+    assert (out / "grid.png").stat().st_size > 10_000
+    ran.clear()
+    assert advtrain.main(args + ["--resume"]) == 0
+    assert ran == []

@@ -390,6 +390,8 @@ def read_table(path: Path, required=()) -> pd.DataFrame:
     try:
         df = pd.read_csv(io.StringIO(text.lstrip("\ufeff")), sep="\t" if tsv else ",", dtype=str,
                          keep_default_na=False, quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+        if tsv and _csv_quoted(df):  # written by pandas' to_csv(sep="\t"): read its quoting
+            df = pd.read_csv(io.StringIO(text.lstrip("\ufeff")), sep="\t", dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
         raise UserError(f"{path} is empty: download it again with `make data`.") from None
     except pd.errors.ParserError as e:
@@ -404,11 +406,27 @@ def read_table(path: Path, required=()) -> pd.DataFrame:
     return df
 
 
+def _at(where: str, rows) -> str:
+    """Where rows (positions) are: file lines (the header is line 1) or DataFrame rows (counted from 0)."""
+    rows = list(rows)[:3]
+    if str(where).startswith("the ") and str(where).endswith(" DataFrame"):
+        return ("row " if len(rows) == 1 else "rows ") + ", ".join(str(i) for i in rows)
+    return ("line " if len(rows) == 1 else "lines ") + ", ".join(str(i + 2) for i in rows)
+
+
+def _csv_quoted(df: pd.DataFrame) -> bool:
+    """Whether a .tsv read as written (Kaggle's own .tsv files hold bare quotes inside phrases) was in fact
+    quoted as CSV writers quote: every cell holding a quote is one quoted field, inner quotes doubled."""
+    cells = pd.concat([pd.Series(df.columns, dtype=str), *(df[c] for c in df.columns)], ignore_index=True)
+    quoted = cells[cells.str.contains('"', regex=False)]
+    return len(quoted) > 0 and bool(quoted.str.fullmatch(r'"(?:[^"]|"")*"', flags=0).all())
+
+
 def check_ids(df: pd.DataFrame, id_col: str, name: str) -> None:
     empty = df[id_col].str.strip() == ""
     if empty.any():
-        raise UserError(f"{name} has {int(empty.sum())} row(s) with an empty {id_col} (line "
-                        f"{int(np.flatnonzero(empty)[0]) + 2}).")
+        raise UserError(f"{name} has {int(empty.sum())} row(s) with an empty {id_col} "
+                        f"({_at(name, np.flatnonzero(empty))}).")
     dup = df[id_col][df[id_col].duplicated()]
     if len(dup):
         raise UserError(f"{name} has {len(dup)} duplicate {id_col}(s), e.g. {dup.iloc[0]}: ids must be unique.")
@@ -427,6 +445,17 @@ LABEL_METRICS = ("f1", "accuracy", "qwk")  # scored on labels, so the submission
 
 def _is_int(values: pd.Series) -> bool:
     return bool(values.str.fullmatch(r"\s*[+-]?\d+\s*").all())
+
+
+def whole_numbers_as_ints(df: pd.DataFrame, cols, where: str) -> pd.DataFrame:
+    """Targets written 0.0/1.0 (pandas writes an int column that once held NaN so) as 0/1: whole numbers
+    are labels, not regression values. Logged, since the submission then holds 0/1."""
+    for col in cols:
+        values = df[col].str.strip()
+        if values.str.fullmatch(r"[+-]?\d+\.0*").any() and values.str.fullmatch(r"[+-]?\d+(\.0*)?").all():
+            df = df.assign(**{col: values.str.replace(r"\.0*$", "", regex=True)})
+            log.info(f"{where}: {col} holds whole numbers written as decimals (1.0): read as integers (1)")
+    return df
 
 
 def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
@@ -453,11 +482,11 @@ def _auto_kind(values: pd.DataFrame, numeric: bool, ints: bool, binary01: bool, 
     if numeric and not ints:
         return "regression"
     numbers = col.map(_is_number)
-    if numbers.mean() >= 0.9 and not _is_int(col[numbers]):
+    if numbers.mean() >= 0.9 and not numbers.all():
         bad = ~numbers
-        raise UserError(f"{where}: {col.name} holds numbers but {int(bad.sum())} value(s) that are not (line "
-                        f"{int(np.flatnonzero(bad)[0]) + 2}, {col[bad].iloc[0]!r}): fix them, or pass --task "
-                        "multiclass to treat every value as a class.")
+        raise UserError(f"{where}: {col.name} holds numbers but {int(bad.sum())} value(s) that are not "
+                        f"({_at(where, np.flatnonzero(bad))}, {col[bad].iloc[0]!r}): fill or drop those rows (missing "
+                        "targets?), or pass --task multiclass to treat every value as a class.")
     if col.nunique() > max(50, len(col) // 2):
         raise UserError(f"{where}: {col.name} has {col.nunique()} distinct values in {len(col)} rows, too many for "
                         "classes: is it the target? Name it with --target-cols, or pass --task multiclass (or "
@@ -485,8 +514,8 @@ class Task:
         for col in target_cols:
             empty = values[col].str.strip() == ""
             if empty.any():
-                raise UserError(f"{where}: {int(empty.sum())} row(s) have no {col} (line "
-                                f"{int(np.flatnonzero(empty)[0]) + 2}): fill or drop them.")
+                raise UserError(f"{where}: {int(empty.sum())} row(s) have no {col} "
+                                f"({_at(where, np.flatnonzero(empty))}): fill or drop them.")
         numeric = all(values[c].map(_is_number).all() for c in target_cols)
         ints = numeric and all(_is_int(values[c]) for c in target_cols)
         binary01 = ints and all(set(values[c].astype(int)) <= {0, 1} for c in target_cols)
@@ -497,14 +526,13 @@ class Task:
         if kind in ("binary", "multilabel") and not binary01:
             col = next(c for c in target_cols if not (_is_int(values[c]) and set(values[c].astype(int)) <= {0, 1}))
             bad = ~values[col].str.strip().isin(["0", "1"])
-            rows = ", ".join(str(i + 2) for i in np.flatnonzero(bad)[:3])
             raise UserError(f"{where}: {col} must be 0 or 1 for task {kind}, but {int(bad.sum())} row(s) are not "
-                            f"(line {rows}, value {values[col][bad].iloc[0]!r}).")
+                            f"({_at(where, np.flatnonzero(bad))}, value {values[col][bad].iloc[0]!r}).")
         if kind == "regression" and not numeric:
             col = next(c for c in target_cols if not values[c].map(_is_number).all())
             bad = ~values[col].map(_is_number)
             raise UserError(f"{where}: {col} must be numbers for task regression, found "
-                            f"{values[col][bad].iloc[0]!r} (line {int(np.flatnonzero(bad)[0]) + 2}).")
+                            f"{values[col][bad].iloc[0]!r} ({_at(where, np.flatnonzero(bad))}).")
         classes, bounds = [], []
         if kind == "binary":
             classes = ["0", "1"]
@@ -723,16 +751,37 @@ def read_tables(cfg: Config, roles=("train", "test", "sample_submission"), frame
     frames = frames or {}
     paths = {"train": cfg.train, "test": cfg.test, "sample_submission": cfg.sample_submission}
     folder = None
-    if any(frames.get(r) is None and not paths[r] for r in roles if r != "sample_submission"):
-        folder = find_data_dir(cfg.data_dir, "train" if "train" in roles else "test", cfg.competition)
+    needed = [r for r in roles if r != "sample_submission" and frames.get(r) is None and not paths[r]]
+    if needed:
+        folder = find_data_dir(cfg.data_dir, needed[0], cfg.competition)
+    elif cfg.data_dir and Path(cfg.data_dir).expanduser().is_dir():  # only the sample submission from there
+        folder = Path(cfg.data_dir).expanduser()
     tables, where = {}, {}
     for role in roles:
         if frames.get(role) is not None:
-            tables[role], where[role] = frames[role].astype(str).reset_index(drop=True), f"the {role} DataFrame"
+            where[role] = f"the {role} DataFrame"
+            tables[role] = frame_as_text(frames[role], where[role])
             continue
         file = Path(paths[role]) if paths[role] else find_file(folder, role) if folder else None
         tables[role], where[role] = (read_table(file), str(file)) if file is not None else (None, None)
     return tables, where, folder
+
+
+def frame_as_text(df: pd.DataFrame, where: str) -> pd.DataFrame:
+    """A DataFrame given from Python, read as read_table reads a file: every cell as text, a missing cell
+    (NaN, None, <NA>) empty, column names as text, ids kept as a named index back in a column."""
+    if not isinstance(df, pd.DataFrame):
+        raise UserError(f"{where} must be a pandas DataFrame, got {type(df).__name__}.")
+    if df.index.name is not None and df.index.name not in df.columns:
+        df = df.reset_index()
+    names = [str(c) for c in df.columns]
+    doubled = sorted({c for c in names if names.count(c) > 1})
+    if doubled:
+        raise UserError(f"{where} has the column {doubled[0]!r} more than once: rename or drop the copy.")
+    text = df.astype(object).where(df.notna(), "").map(str) if hasattr(df, "map") else \
+        df.astype(object).where(df.notna(), "").applymap(str)
+    text.columns = names
+    return text.reset_index(drop=True)
 
 
 def _require(df: pd.DataFrame, cols, where: str) -> None:
@@ -748,16 +797,28 @@ def test_side(cfg: Config, task: Task, tables: dict, where: dict) -> dict:
     """The test table checked against the task and the sample submission: the id column, the test ids in
     submission order and the submission's layout (id header, {value column: sample column})."""
     test, sample = tables["test"], tables["sample_submission"]
+    if test is None:
+        raise UserError("No test file: the competition folder needs test.csv (or test.tsv) beside train; pass "
+                        "--data-dir, or name the file with --test.")
     id_col = cfg.id_col or (str(sample.columns[0]) if sample is not None else "id")
     _require(test, [id_col] + cfg.text_cols + (["keyword"] if cfg.use_keyword else []), where["test"])
     check_ids(test, id_col, where["test"])
     order = test[id_col]
     if sample is not None:
-        if set(sample.iloc[:, 0]) != set(test[id_col]):
+        sample_id = id_col if id_col in sample.columns else sample.columns[0]
+        if set(sample[sample_id]) != set(test[id_col]):
             raise UserError(f"{where['sample_submission']} and {where['test']} list different ids: download both "
                             "again with `make data` (or name the id column with --id-col).")
-        order = sample.iloc[:, 0]
+        order = sample[sample_id]
+        sample = sample[[sample_id, *[c for c in sample.columns if c != sample_id]]]
         columns = task.match_sample(sample.columns[1:], where["sample_submission"])
+        if task.writes_labels and task.classes and not all(map(_is_number, task.classes)):
+            numeric = [c for c in columns.values() if len(sample) and sample[c].map(_is_number).all()]
+            if numeric:
+                raise UserError(f"{where['sample_submission']}'s {numeric[0]} holds numbers, but train's targets are "
+                                f"the words {', '.join(task.classes[:5])}: write train's {task.target_cols[0]} as the "
+                                "numbers the competition scores (e.g. no=0, yes=1), so that the submission holds "
+                                "them.")
     else:
         columns = {c: c for c in task.value_columns()}
     return {"test": test, "sample": sample, "id_col": id_col, "columns": columns, "order": order.to_numpy(),
@@ -771,6 +832,8 @@ def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
     tables, where, folder = read_tables(cfg, frames={"train": train, "test": test, "sample_submission": sample})
     train = tables["train"]
     _require(train, cfg.text_cols + (["keyword"] if cfg.use_keyword else []) + cfg.target_cols, where["train"])
+    if cfg.task != "regression":
+        train = whole_numbers_as_ints(train, cfg.target_cols, where["train"])
     task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, where["train"])
     side = test_side(cfg, task, tables, where)
     if side["id_col"] in train.columns:
@@ -2506,10 +2569,19 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
              f"{', '.join(task.target_cols)}" + (f", classes {', '.join(task.classes)}" if task.classes else "")
              + f" | metric {task.metric} ({'higher' if task.higher_is_better else 'lower'} is better) | submission "
              f"{data['id_header']},{','.join(data['columns'].values())}")
+    if cfg.select_metric and cfg.select_metric not in TASK_METRICS[task.kind]:
+        raise UserError(f"--select-metric {cfg.select_metric} does not score a {task.kind} task: use one of "
+                        f"{', '.join(TASK_METRICS[task.kind])}, or leave it empty for the competition metric.")
     if cfg.group_col and cfg.group_col not in train_df.columns:
         raise UserError(f"--group-col {cfg.group_col}: {data['where']['train']} has no such column (its columns are "
                         f"{', '.join(map(str, train_df.columns))}).")
-    groups = train_df[cfg.group_col].to_numpy() if cfg.group_col else None
+    groups = None
+    if cfg.group_col:
+        groups = train_df[cfg.group_col].to_numpy(dtype=object, copy=True)
+        empty = np.flatnonzero(train_df[cfg.group_col].str.strip() == "")
+        if len(empty):  # no group: a group of its own, not one group of every such row
+            groups[empty] = [f"\0row{i}" for i in empty]
+            log.info(f"--group-col {cfg.group_col}: {len(empty)} row(s) have no group; each is a group of its own")
     if cfg.split == "holdout":  # sizes that leave nothing to train on fail here, before the model loads
         holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size, groups)
     model_path = resolve_model(cfg.model)
@@ -2524,7 +2596,7 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
     train_ids = tokenize(tokenizer, *texts[:1], limit, texts[1])
     check_tokenizer(tokenizer, model_config, train_ids, cfg.model)
     longest = max(map(len, train_ids))
-    max_len = min(cfg.max_len, limit) if cfg.max_len else longest
+    max_len = min(cfg.max_len, limit) if cfg.max_len else min(max(longest, 8), limit)  # room for a test pair
     if max_len < longest:
         train_ids = tokenize(tokenizer, texts[0], max_len, texts[1])
     test_texts = input_texts(data["test"], cfg, tokenizer.sep_token)

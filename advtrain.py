@@ -2522,9 +2522,9 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
             with logging_to(None):
                 return _run(cfg, stage, frames)
         with output_lock(out):
-            if not cfg.resume and stage.exists():
+            if not cfg.resume and stage.exists():  # what an interrupted run left: files and model folders
                 for p in stage.iterdir():
-                    p.unlink()
+                    _remove(p)
             stage.mkdir(exist_ok=True)
             with logging_to(stage / "train.log", append=cfg.resume):
                 try:
@@ -2620,9 +2620,10 @@ def check_tokenizer(tokenizer, model_config, ids, name: str) -> None:
     words = [t for x in ids for t in x if t not in special]
     unknown = sum(t == unk for t in words) / max(len(words), 1) if unk is not None else 0.0
     if unknown > 0.5:
-        raise UserError(f"The tokenizer of {name!r} reads {100 * unknown:.0f}% of "
-                        "the training tokens as unknown: the model folder lacks its tokenizer files "
-                        "(tokenizer.json, vocab or spm model); copy them in with save_pretrained.")
+        raise UserError(f"The tokenizer of {name!r} reads {100 * unknown:.0f}% of the tokens as unknown: either "
+                        "its files are missing or belong to another model (copy the model's own in with "
+                        "save_pretrained), or the texts are in a script its vocabulary cannot spell (choose a model "
+                        "made for that language).")
 
 
 def make_folds(cfg: Config, data: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -2716,10 +2717,20 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     return saved
 
 
+def vocabulary_digest(tokenizer) -> str:
+    """A fingerprint of the tokenizer's vocabulary (every token and its id), saved beside the weights so that
+    predict can tell a tokenizer that belongs to another model, even one of the same size."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
 def save_model(model: "Classifier", tokenizer, folder: Path, info: dict) -> None:
     """A self-contained model folder: model.safetensors (the whole classifier), the backbone's config.json,
     the tokenizer's files and advtrain.json (format, head and pooling), so that `predict` loads it with the
     network off from wherever it is copied. A full disk costs the model folder (a warning), never the run."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_model as save_weights
 
     try:
@@ -2728,8 +2739,9 @@ def save_model(model: "Classifier", tokenizer, folder: Path, info: dict) -> None
         tokenizer.save_pretrained(folder)
         save_weights(model, str(folder / "model.safetensors"))
         write_json(folder / "advtrain.json", {"format": RUN_FORMAT, "advtrain": __version__,
-                                              "num_labels": model.head.out_features, **info})
-    except (OSError, RuntimeError) as e:
+                                              "num_labels": model.head.out_features,
+                                              "vocabulary": vocabulary_digest(tokenizer), **info})
+    except (OSError, RuntimeError, SafetensorError) as e:
         shutil.rmtree(folder, ignore_errors=True)
         log.warning(f"{folder.name}/ not saved ({str(e).splitlines()[0]}): free some disk space, or pass "
                     "--no-save-model; the submission and metrics are written all the same")
@@ -2855,6 +2867,11 @@ def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: 
 # ---------------------------------------------------------------------------------------------
 
 
+# A model folder holds at least one of these (tokenizers save one or more of them).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spm.model", "vocab.json", "sentencepiece.bpe.model",
+                   "tokenizer.model")
+
+
 def load_saved_model(folder: Path):
     """(classifier, tokenizer, advtrain.json) of a model folder written by save_model; local files only."""
     from safetensors.torch import load_model as load_weights
@@ -2868,6 +2885,9 @@ def load_saved_model(folder: Path):
         raise UserError(f"{folder} was saved by advtrain {info.get('advtrain', '?')} in format {info.get('format')}, "
                         f"this advtrain {__version__} reads format {RUN_FORMAT}: predict with the version that "
                         "trained it, or train again.")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{folder} lacks its tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the "
+                        "whole model folder the training run wrote.")
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
         model = Classifier(transformers.AutoModel.from_config(config), num_labels=info["num_labels"],
@@ -2889,12 +2909,18 @@ def saved_run(folder: Path) -> dict:
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"{folder} is not a run folder of this advtrain version (no metrics.json with a task): pass "
                         "the --output-dir of a training run.") from None
-    models = sorted(p for p in folder.iterdir() if p.is_dir() and (p.name == "model" or p.name.startswith(
-        "model_fold")))
+    config = metrics.get("config", {})
+    names = ([f"model_fold{k}" for k in range(config.get("n_folds", 0))] if config.get("split") == "kfold"
+             else ["model"])
+    models = [folder / n for n in names if (folder / n).is_dir()]
     if not models:
         old = " (it holds model.pt, the bare weights of an older advtrain)" if (folder / "model.pt").exists() else ""
         raise UserError(f"{folder} holds no saved model{old}: train with --save-model (the default) using this "
                         "version.")
+    if len(models) < len(names):  # legitimate (fewer folds fit an inference time limit), but never silent
+        lost = [n for n in names if not (folder / n).is_dir()]
+        print(f"predict: {folder} lacks {', '.join(lost)}: averaging the {len(models)} of its {len(names)} folds that "
+              "are there (copy the whole run folder for the run's own prediction)")
     return {"dir": folder, "metrics": metrics, "task": task, "models": models}
 
 
@@ -2935,32 +2961,55 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     if not runs:
         raise UserError("predict needs at least one run folder (--runs DIR[,DIR...]).")
     _same_task(runs)
-    weights = [1.0] * len(runs) if not weights else [float(w) for w in weights]
-    if len(weights) != len(runs) or min(weights) < 0 or sum(weights) <= 0:
-        raise UserError(f"--weights takes one non-negative number per run ({len(runs)}), not all zero; got {weights}.")
-    recorded = runs[0]["metrics"]["config"]
-    settings = {k: recorded[k] for k in ("text_cols", "target_cols", "id_col", "use_keyword", "competition")}
-    cfg = Config(**settings, data_dir=data_dir, output_dir=output_dir, overwrite=overwrite, device=device, amp=amp)
+    try:
+        weights = [1.0] * len(runs) if weights is None or not len(weights) else [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise UserError(f"weights must be numbers, one per run; got {weights}.") from None
+    if len(weights) != len(runs) or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--weights takes one finite non-negative number per run ({len(runs)}), not all zero; got "
+                        f"{weights}.")
+    if batch_size < 0:
+        raise UserError(f"--batch-size must be positive (0: each run's eval batch size), got {batch_size}.")
+    configs = [Config(**{k: r["metrics"]["config"][k] for k in ("text_cols", "target_cols", "id_col", "use_keyword",
+                                                                 "competition")},
+                      data_dir=data_dir, output_dir=output_dir, overwrite=overwrite, device=device, amp=amp)
+               for r in runs]  # each run is fed its texts as it was trained
+    cfg = configs[0]
+    if any(c.id_col != cfg.id_col for c in configs):
+        raise UserError("The runs name different id columns (--id-col): predict them separately.")
     out = prepare_output_dir(cfg.output_dir, overwrite)
+    if out.is_dir() and any((out / n).exists() for n in ("metrics.json", "oof.csv", "model", "model_fold0", STAGE)):
+        raise UserError(f"{out} holds a training run (its model and oof.csv): write predictions into another "
+                        "--output-dir, so that one folder never mixes two runs.")
     task = runs[0]["task"]
     tables, where, _ = read_tables(cfg, ("test", "sample_submission"), {"test": test,
                                                                          "sample_submission": sample_submission})
     side = test_side(cfg, task, tables, where)
+    for c in configs[1:]:
+        _require(side["test"], c.text_cols + (["keyword"] if c.use_keyword else []), where["test"])
     dev = resolve_device(device)
     amp_dtype = resolve_amp(amp, dev)
     total, loading, predicting = np.zeros((len(side["test"]), task.num_outputs)), 0.0, 0.0
     n_models = sum(len(r["models"]) for r in runs)
     bar = tqdm(total=n_models * len(side["test"]), desc="predict", unit="text", disable=not progress,
                dynamic_ncols=True)
-    for run_info, weight in zip(runs, weights):
+    for run_info, weight, run_cfg in zip(runs, weights, configs):
         for folder in run_info["models"]:
             tick = time.perf_counter()
             model, tokenizer, info = load_saved_model(folder)
+            if info["num_labels"] != task.num_outputs:
+                raise UserError(f"{folder} has {info['num_labels']} output(s), but its run's {task.kind} task needs "
+                                f"{task.num_outputs}: the model folder belongs to another run; copy the run's own.")
+            if info.get("vocabulary", vocabulary_digest(tokenizer)) != vocabulary_digest(tokenizer):
+                raise UserError(f"{folder}'s tokenizer is not the one the model was trained with ({len(tokenizer)} "
+                                "tokens, another vocabulary): the tokenizer files belong to another model; copy the "
+                                "run's own.")
             model.to(dev)
             tock = time.perf_counter()
             loading += tock - tick
-            texts = input_texts(side["test"], cfg, tokenizer.sep_token)
+            texts = input_texts(side["test"], run_cfg, tokenizer.sep_token)
             ids = tokenize(tokenizer, texts[0], info["max_len"], texts[1])
+            check_tokenizer(tokenizer, model.backbone.config, ids, str(folder))
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             size = batch_size or run_info["metrics"]["config"]["eval_batch_size"]
             pred = predict_proba(model, ids, size, pad_id, dev, amp_dtype, task.activate)
@@ -2970,7 +3019,14 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
             del model
     bar.close()
     threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
-    sub = write_test_outputs(out, task, side, total.astype(np.float32), threshold)
+    stage = out / ".advtrain-predict"
+    _remove(stage)
+    stage.mkdir(parents=True)
+    sub = write_test_outputs(stage, task, side, total.astype(np.float32), threshold)
+    (out / "submission.csv").unlink(missing_ok=True)  # never an earlier submission beside these probabilities
+    for name in ("test_probs.csv", "submission.csv"):
+        os.replace(stage / name, out / name)
+    stage.rmdir()
     print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s): loading "
           f"{loading:.1f} s, tokenizing and predicting {predicting:.1f} s, "
           f"{n_models * len(side['test']) / max(predicting, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "
@@ -3647,8 +3703,9 @@ def main(argv=None) -> int:
         return 2
     except (KeyboardInterrupt, Interrupted) as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"advtrain: stopped by {signal.Signals(signum).name}; an interrupted run continues with --resume.",
-              file=sys.stderr)
+        then = ("nothing was written; run predict again" if getattr(args, "command", "") == "predict"
+                else "an interrupted run continues with --resume")
+        print(f"advtrain: stopped by {signal.Signals(signum).name}; {then}.", file=sys.stderr)
         return 128 + signum
     finally:
         if previous is not None:

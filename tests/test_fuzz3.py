@@ -149,3 +149,144 @@ def test_one_word_texts_leave_room_under_the_automatic_max_len(tmp_path, model_d
                       valid_size=0.25)
     data = advtrain.prepare_data(cfg)
     assert data["longest"] == 3 and data["max_len"] == 8 and len(data["test_ids"][0]) == 8
+
+
+# --- predict ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(data_dir, model_dirs, tmp_path_factory):
+    """Tiny saved runs: plain, with the keyword, 2-fold, and a regression run of the same texts."""
+    root = tmp_path_factory.mktemp("saved")
+    made = {}
+    regression = root / "regression-data"
+    regression.mkdir()
+    train = pd.read_csv(data_dir / "train.csv", dtype=str, keep_default_na=False)
+    train.assign(target=train["target"].astype(float) + 0.25).to_csv(regression / "train.csv", index=False)
+    for name in ("test.csv", "sample_submission.csv"):
+        (regression / name).write_bytes((data_dir / name).read_bytes())
+    for name, folder, kw in [("plain", data_dir, {}), ("keyword", data_dir, dict(use_keyword=True)),
+                             ("kfold", data_dir, dict(split="kfold", n_folds=2)), ("regression", regression, {})]:
+        made[name] = root / name
+        advtrain.run(base_config(folder, model_dirs["bert"], made[name], epochs=1, eval_every=1.0, save_model=True,
+                                 **kw))
+    return made
+
+
+def probs(folder):
+    return pd.read_csv(folder / "test_probs.csv", dtype={"id": str}).set_index("id")
+
+
+def predict_args(runs, data_dir, out, *extra):
+    return ["predict", "--runs", ",".join(map(str, runs)), "--data-dir", str(data_dir), "--output-dir", str(out),
+            "--no-progress", *extra]
+
+
+# 1. each run is fed its texts as it was trained
+def test_each_run_is_fed_its_own_text_settings(saved, data_dir, tmp_path):
+    advtrain.predict([saved["plain"], saved["keyword"]], str(data_dir), str(tmp_path / "o"), weights=[0, 1],
+                     progress=False)
+    assert np.abs(probs(tmp_path / "o").to_numpy() - probs(saved["keyword"]).to_numpy()).max() <= 1e-6
+
+
+def broken_copy(run, tmp_path, name="broken"):
+    import shutil
+    copy = tmp_path / name
+    shutil.copytree(run, copy)
+    return copy
+
+
+# 2. the tokenizer checked against the weights; 3. the outputs against the task; 4. a missing fold is said
+def test_a_model_folder_that_does_not_belong_to_its_run_is_refused(saved, data_dir, model_dirs, tmp_path, capsys):
+    no_tok = broken_copy(saved["plain"], tmp_path, "no-tokenizer")
+    for f in (no_tok / "model").iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    assert advtrain.main(predict_args([no_tok], data_dir, tmp_path / "o1")) == 2
+    assert "model lacks its tokenizer files" in capsys.readouterr().err
+    other_tok = broken_copy(saved["plain"], tmp_path, "other-tokenizer")
+    for f in (other_tok / "model").iterdir():
+        if f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            f.unlink()
+    smaller = advtrain.make_tiny_model(tmp_path / "smaller", "bert", texts=["zebra quantum lattice", "yonder"])
+    advtrain.load_tokenizer(str(smaller)).save_pretrained(other_tok / "model")
+    assert advtrain.main(predict_args([other_tok], data_dir, tmp_path / "o2")) == 2
+    assert "the tokenizer files belong to another model" in capsys.readouterr().err
+    swapped = broken_copy(saved["plain"], tmp_path, "swapped")
+    import shutil
+    shutil.rmtree(swapped / "model")
+    shutil.copytree(saved["regression"] / "model", swapped / "model")
+    assert advtrain.main(predict_args([swapped], data_dir, tmp_path / "o3")) == 2
+    assert "has 1 output(s), but its run's binary task needs 2" in capsys.readouterr().err
+    folds = broken_copy(saved["kfold"], tmp_path, "one-fold-lost")
+    shutil.rmtree(folds / "model_fold1")
+    assert advtrain.main(predict_args([folds], data_dir, tmp_path / "o4")) == 0
+    assert "lacks model_fold1: averaging the 1 of its 2 folds that are there" in capsys.readouterr().out
+
+
+# 5. weights from Python; 16. a negative batch size
+@pytest.mark.parametrize("kw,says", [(dict(weights=[float("nan"), 1]), "one finite non-negative number per run"),
+                                     (dict(weights=["x", 1]), "weights must be numbers"),
+                                     (dict(batch_size=-1), "--batch-size must be positive")])
+def test_bad_weights_and_batch_sizes_are_refused(saved, data_dir, tmp_path, kw, says):
+    with pytest.raises(advtrain.UserError, match=says):
+        advtrain.predict([saved["plain"], saved["keyword"]], str(data_dir), str(tmp_path / "o"), progress=False, **kw)
+
+
+# 6. stopped between its writes: no earlier submission beside the new probabilities
+def test_predict_stopped_between_its_writes_leaves_no_stale_submission(saved, data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    advtrain.predict([saved["plain"]], str(data_dir), str(out), progress=False)
+    real = advtrain.os.replace
+
+    def killed(src, dst):
+        if str(dst) == str(out / "submission.csv"):  # stopped once test_probs.csv is in place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(advtrain.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        advtrain.predict([saved["keyword"]], str(data_dir), str(out), overwrite=True, progress=False)
+    assert not (out / "submission.csv").exists()
+    assert np.abs(probs(out).to_numpy() - probs(saved["keyword"]).to_numpy()).max() <= 1e-6
+    monkeypatch.undo()
+    advtrain.predict([saved["keyword"]], str(data_dir), str(out), overwrite=True, progress=False)
+    assert (out / "submission.csv").is_file() and not (out / ".advtrain-predict").exists()
+
+
+# 7. never into a training run's folder; 19. the interruption names no --resume
+def test_predict_refuses_a_training_runs_folder_and_says_what_an_interruption_leaves(saved, data_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    target = broken_copy(saved["plain"], tmp_path, "training-run")
+    assert advtrain.main(predict_args([saved["plain"]], data_dir, target, "--overwrite")) == 2
+    assert "holds a training run" in capsys.readouterr().err
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(advtrain, "predict", interrupted)
+    assert advtrain.main(predict_args([saved["plain"]], data_dir, tmp_path / "o")) == 130
+    err = capsys.readouterr().err
+    assert "nothing was written; run predict again" in err and "--resume" not in err
+
+
+# 14. a full disk inside safetensors
+def test_a_safetensors_error_while_saving_costs_the_model_folder_only(data_dir, model_dirs, tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    def full(*a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr("safetensors.torch.save_model", full)
+    out = tmp_path / "run"
+    advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0, save_model=True))
+    assert (out / "submission.csv").is_file() and not (out / "model").exists()
+    assert "model/ not saved (Error while serializing" in (out / "train.log").read_text()
+
+
+# 18. a model folder left in the stage by a killed run does not wedge the next run
+def test_a_model_folder_left_by_a_killed_run_does_not_block_the_next(data_dir, model_dirs, tmp_path):
+    out = tmp_path / "run"
+    (out / advtrain.STAGE / "model_fold0").mkdir(parents=True)
+    (out / advtrain.STAGE / "model_fold0" / "model.safetensors").write_bytes(b"half")
+    advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0))
+    assert (out / "submission.csv").is_file() and not (out / advtrain.STAGE).exists()

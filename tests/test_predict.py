@@ -98,7 +98,7 @@ def test_runs_of_another_task_and_foreign_folders_are_refused_in_one_sentence(ru
     assert advtrain.main(["predict", "--runs", str(other), *flags]) == 2
     assert "cannot be loaded" in capsys.readouterr().err
     assert advtrain.main(["predict", "--runs", str(runs["holdout"]), "--weights", "1,2", *flags]) == 2
-    assert "one non-negative number per run (1)" in capsys.readouterr().err
+    assert "one finite non-negative number per run (1)" in capsys.readouterr().err
 
 
 def test_no_save_model_leaves_no_model_folder_and_a_full_disk_costs_only_the_folder(data_dir, model_dirs, tmp_path,

@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import signal
 import sys
@@ -263,10 +264,35 @@ def given_settings(cfg: Config) -> dict:
     return {name: getattr(cfg, name) for name in cfg._explicit}
 
 
+_NAME = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^,]*?))\s*(?:,|$)')
+
+
+def split_names(text: str) -> list[str]:
+    """Comma-separated names, spaces around each dropped; a name in double quotes is kept as written, commas
+    and spaces included (`"Review, full",title`; a quote inside is doubled)."""
+    names, pos = [], 0
+    while pos <= len(text):
+        m = _NAME.match(text, pos)
+        quoted, plain = m.group(1), m.group(2)
+        names.append(quoted.replace('""', '"') if quoted is not None else plain)
+        if m.end() == pos or (m.end() >= len(text) and not text.rstrip().endswith(",")):
+            break
+        pos = m.end()
+    return names
+
+
+def join_names(names) -> str:
+    """The inverse of split_names: names with a comma, a quote or surrounding spaces go in quotes."""
+    def one(name):
+        return '"' + name.replace('"', '""') + '"' if "," in name or '"' in name or name != name.strip() else name
+
+    return ",".join(map(one, names))
+
+
 def _columns(value, name: str) -> list[str]:
-    """A list of column names from a list or a comma-separated string."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    cols = [str(c).strip() for c in items if str(c).strip()]
+    """A list of column names from a list or a comma-separated string (split_names)."""
+    items = split_names(value) if isinstance(value, str) else [str(c) for c in value]
+    cols = [c for c in items if c.strip()]
     if not cols:
         raise UserError(f"{name} names no column: give one or more, comma-separated.")
     if len(set(cols)) != len(cols):
@@ -2391,6 +2417,9 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"output_dir {out} is a file: choose a folder with --output-dir.")
+    if out.is_symlink() and not out.exists():
+        raise UserError(f"output_dir {out} is a link to {os.readlink(out)}, which does not exist: create that folder, "
+                        "or choose another --output-dir.")
     earlier = [p for p in out.iterdir() if not p.name.startswith(".advtrain")] if out.is_dir() else []
     if earlier and not overwrite and not resume:
         raise UserError(f"{out} already holds files from an earlier run: pass --overwrite to replace them (once "
@@ -2543,7 +2572,24 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
             dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def transformers_bars(enabled: bool):
+    """transformers' own progress bars (loading weights, writing shards) follow --progress for the duration."""
+    bars = transformers.utils.logging
+    was = bars.is_progress_bar_enabled()
+    (bars.enable_progress_bar if enabled else bars.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (bars.enable_progress_bar if was else bars.disable_progress_bar)()
+
+
 def _run(cfg: Config, out: Path, frames: dict) -> dict:
+    with transformers_bars(cfg.progress):
+        return _train_and_write(cfg, out, frames)
+
+
+def _train_and_write(cfg: Config, out: Path, frames: dict) -> dict:
     started = time.time()
     log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     device = resolve_device(cfg.device)
@@ -2996,7 +3042,8 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     for run_info, weight, run_cfg in zip(runs, weights, configs):
         for folder in run_info["models"]:
             tick = time.perf_counter()
-            model, tokenizer, info = load_saved_model(folder)
+            with transformers_bars(progress):
+                model, tokenizer, info = load_saved_model(folder)
             if info["num_labels"] != task.num_outputs:
                 raise UserError(f"{folder} has {info['num_labels']} output(s), but its run's {task.kind} task needs "
                                 f"{task.num_outputs}: the model folder belongs to another run; copy the run's own.")
@@ -3584,7 +3631,7 @@ def config_to_argv(cfg: Config) -> list[str]:
     argv = []
     for f in dataclasses.fields(Config):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        text = ",".join(value) if isinstance(value, list) else str(value)
+        text = join_names(value) if isinstance(value, list) else str(value)
         argv += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, text]
     return argv
 

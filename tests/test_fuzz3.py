@@ -290,3 +290,40 @@ def test_a_model_folder_left_by_a_killed_run_does_not_block_the_next(data_dir, m
     (out / advtrain.STAGE / "model_fold0" / "model.safetensors").write_bytes(b"half")
     advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0))
     assert (out / "submission.csv").is_file() and not (out / advtrain.STAGE).exists()
+
+
+# 21. column names with a comma or surrounding spaces, on the command line
+def test_quoted_column_names_keep_their_commas_and_spaces(tmp_path):
+    cfg = advtrain.config_from_args(advtrain.build_parser().parse_args(
+        ["train", "--text-cols", '"Review, full", title', "--target-cols", '" score "']))
+    assert cfg.text_cols == ["Review, full", "title"] and cfg.target_cols == [" score "]
+    argv = advtrain.config_to_argv(cfg)
+    assert advtrain.config_from_args(advtrain.build_parser().parse_args(["train", *argv])).text_cols == cfg.text_cols
+    assert advtrain.Config(text_cols="text, keyword").text_cols == ["text", "keyword"]  # as before
+
+
+# 24. a folder as FILE, a dangling link as output_dir
+def test_a_folder_as_the_submission_file_and_a_dangling_output_link_are_named(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("kaggle_kit", advtrain.Path(advtrain.__file__).parent / "tools" /
+                                                  "kaggle_kit.py")
+    kit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kit)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "submission.csv").write_text("id,target\n")
+    with pytest.raises(kit.KitError, match="is a folder, not a file: name the submission file itself .it holds "
+                                           "submission.csv"):
+        kit.submission_file("", str(tmp_path / "run"))
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    with pytest.raises(advtrain.UserError, match="is a link to .*gone, which does not exist"):
+        advtrain.prepare_output_dir(str(tmp_path / "link"), overwrite=False)
+
+
+# also: --no-progress silences transformers' own bars
+def test_no_progress_silences_the_bars_of_transformers(data_dir, model_dirs, tmp_path, capfd):
+    advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "run", epochs=1, eval_every=1.0,
+                             save_model=True))
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
+    assert "Loading weights" not in (tmp_path / "run" / "train.log").read_text()
+    assert advtrain.transformers.utils.logging.is_progress_bar_enabled()  # as it was before the run

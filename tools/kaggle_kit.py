@@ -531,6 +531,10 @@ def submission_file(method: str, file: str) -> Path:
     """FILE if given; else the method's local run, else its Kaggle download (METHOD=ensemble: compare's ensemble)."""
     if file:
         path = Path(file)
+        if path.is_dir():
+            inside = " (it holds submission.csv: FILE=" + str(path / "submission.csv") + ")" \
+                if (path / "submission.csv").is_file() else ""
+            raise KitError(f"FILE={file} is a folder, not a file: name the submission file itself{inside}.")
         if not path.is_file():
             raise KitError(f"FILE={file} not found.")
         return path

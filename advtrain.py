@@ -2439,7 +2439,10 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        return b"python" in Path(f"/proc/{pid}/cmdline").read_bytes().lower()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().lower()
+        if not cmdline:  # a process being started (mid-exec) or a zombie: only the zombie is dead
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
+        return b"python" in cmdline
     except OSError:
         return True
 
@@ -3588,7 +3591,8 @@ def demo(output_dir: str = "submissions/demo", **overrides) -> dict:
     It replaces an earlier demo's files in output_dir, and any other run's only with overwrite=True."""
     with tempfile.TemporaryDirectory(prefix="advtrain-demo-") as tmp:
         data = make_demo_data(Path(tmp, "data"))
-        model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
+        with transformers_bars(overrides.get("progress", True)):
+            model = make_tiny_model(Path(tmp, "model"), "deberta-v2", pd.read_csv(data / "train.csv")["text"])
         settings = dict(model=str(model), data_dir=str(data), output_dir=output_dir, epochs=3,
                         batch_size=16, lr=1e-3, holdout_size=200, valid_size=200, save_model=False,
                         overwrite=_is_demo_output(Path(output_dir)))

@@ -1217,6 +1217,19 @@ class FGM:
         loss = loss / accumulation_steps
         return scaler.scale(loss) if scaler is not None else loss
 
+    def _count_skip(self, ok):
+        """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
+        Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
+                and bool(self.skipped > 0):
+            import warnings
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
+                          stacklevel=3)
+
     @staticmethod
     def _norm(x):
         """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
@@ -1239,7 +1252,7 @@ class FGM:
         else:
             norm = self._norm(g)
         ok = torch.isfinite(norm).all()
-        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._count_skip(ok)
         r = (self.eps * self.scale) * g / norm.clamp_min(1e-12)
         return torch.where(ok, r, torch.zeros_like(r))
 
@@ -1321,6 +1334,19 @@ class PGD:
         loss = loss / accumulation_steps
         return scaler.scale(loss) if scaler is not None else loss
 
+    def _count_skip(self, ok):
+        """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
+        Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
+                and bool(self.skipped > 0):
+            import warnings
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
+                          stacklevel=3)
+
     @staticmethod
     def _norm(x):
         """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
@@ -1358,7 +1384,7 @@ class PGD:
                     with self._no_sync():
                         grad, = torch.autograd.grad(self._scaled(loss_fn(forward()), scaler, accumulation_steps),
                                                     self._delta)
-            self.skipped = self.skipped.to(ok.device) + (~ok)
+            self._count_skip(ok)
         finally:
             handle.remove()
             self._delta = None
@@ -1424,6 +1450,19 @@ class FreeLB:
         loss = loss / accumulation_steps
         return scaler.scale(loss) if scaler is not None else loss
 
+    def _count_skip(self, ok):
+        """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
+        Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
+                and bool(self.skipped > 0):
+            import warnings
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
+                          stacklevel=3)
+
     @staticmethod
     def _norm(x):
         """L2 norm of each example (over every dimension but the first), shaped to broadcast against x."""
@@ -1468,7 +1507,7 @@ class FreeLB:
                     ok = ok & torch.isfinite(norm).all()
                     moved = self._project(delta.detach() + (self.lr * self.scale) * grad / norm.clamp_min(1e-12))
                     delta = torch.where(ok, moved, torch.zeros_like(moved))
-            self.skipped = self.skipped.to(ok.device) + (~ok)
+            self._count_skip(ok)
         finally:
             handle.remove()
             self._delta = self._mask = None
@@ -1520,13 +1559,26 @@ class AWP:
         loss = loss / accumulation_steps
         return scaler.scale(loss) if scaler is not None else loss
 
+    def _count_skip(self, ok):
+        """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
+        Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
+                and bool(self.skipped > 0):
+            import warnings
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
+                          stacklevel=3)
+
     @torch.no_grad()
     def _perturb(self, params, grads, backup):
         """Move params in place, each within adv_eps * |w0| of its backup w0."""
         g_norm = torch.stack([g.float().norm() for g in grads])
         w_norm = torch.stack([w.float().norm() for w in backup])
         ok = torch.isfinite(g_norm).all()
-        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._count_skip(ok)
         scale = torch.where(ok, self.adv_lr * w_norm / (g_norm + 1e-6), torch.zeros_like(g_norm))  # Kaggle's 1e-6
         for p, g, w0, s in zip(params, grads, backup, scale.unbind()):
             step = (g * s.to(g.dtype)).nan_to_num_(0.0, 0.0, 0.0)
@@ -1588,13 +1640,17 @@ class SiFT:
     delta += lr * g / (1e-6 + max|g|) per token, where g is the gradient w.r.t. delta alone of the
     divergence summed over rows with the clean predictions fixed (the step is the same at any batch
     size, accumulation or fp16 loss scale). The perturbed forward then adds alpha * divergence(perturbed,
-    clean), row mean, to the task loss, and one backward runs through both passes: as in DeBERTa, one
-    direction of the KL flows into the perturbed predictions, the other into the clean ones.
+    clean), averaged over positions, to the task loss, and one backward runs through both passes: as in
+    DeBERTa, one direction of the KL flows into the perturbed predictions, the other into the clean ones.
     divergence (DeBERTa's options): "symmetric-kl" (classification), "kl" (KL(clean || perturbed),
     into the perturbed side only), "mse" (regression heads: squared difference summed over outputs),
     "binary-symmetric-kl" (one logit per label trained with BCE: multilabel, or per-token logits).
     Rows are every position but the last dimension, so (batch, length, classes) logits are compared
     per token; (batch, length) logits are one per token and only the elementwise divergences apply.
+    Per-token outputs are averaged over positions, not summed (a sum over 512 positions times alpha
+    overflowed fp16 under GradScaler), and `backward(..., mask=)` (bool or 0/1, the shape of the
+    per-position divergence: attention_mask, or labels != -100) averages over the positions that count;
+    without it, padding counts too (warned once). Divergences are computed in float32.
     logits_fn(output) picks the logits from what the model returns (default: the output itself, its
     .logits, or output["logits"]; a tuple needs logits_fn=lambda out: out[1]). `last_kl` holds the
     divergence itself (no entropy terms). Defaults are DeBERTa's: init 1e-2, lr 1e-4, alpha (its
@@ -1603,6 +1659,7 @@ class SiFT:
         attack = SiFT(model, alpha=3.0)               # SiFT(model, divergence="mse") for regression
         loss = attack.backward(lambda: model(**batch), lambda out: F.cross_entropy(out, labels))
         optimizer.step(); optimizer.zero_grad()
+        # per-token logits (NER, NBME): attack.backward(forward, loss_fn, mask=labels != -100)
     """
 
     DIVERGENCES = ("symmetric-kl", "kl", "mse", "binary-symmetric-kl")
@@ -1641,6 +1698,19 @@ class SiFT:
         loss = loss / accumulation_steps
         return scaler.scale(loss) if scaler is not None else loss
 
+    def _count_skip(self, ok):
+        """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
+        Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
+        self.skipped = self.skipped.to(ok.device) + (~ok)
+        self._calls = getattr(self, "_calls", 0) + 1
+        if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
+                and bool(self.skipped > 0):
+            import warnings
+            self._warned = True
+            warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
+                          stacklevel=3)
+
     @staticmethod
     def _refuse_reentrant_checkpointing(model, who):
         """torch.autograd.grad cannot run through reentrant gradient checkpointing (transformers 4.x's
@@ -1676,6 +1746,25 @@ class SiFT:
         two = [torch.stack([torch.zeros_like(x.float()), x.float()], -1) for x in (logits, target)]
         return self.symmetric_kl(*two).reshape(-1, logits.shape[-1]).sum(-1)  # binary-symmetric-kl, per label
 
+    def _positions(self, logits, target, per_token):
+        """The divergence at each position a mask selects: per element for (batch, length) per-token logits
+        (elementwise divergences), else per row (every dimension but the last)."""
+        if per_token and logits.dim() == 2:
+            return self.divergence_of(logits.unsqueeze(-1), target.unsqueeze(-1)).reshape(logits.shape)
+        return self.divergence_of(logits, target).reshape(logits.shape[:-1])
+
+    @staticmethod
+    def _mean(values, mask):
+        """The mean over the positions that count: all of them without a mask."""
+        if mask is None:
+            return values.mean()
+        mask = torch.as_tensor(mask, device=values.device)
+        if mask.shape != values.shape:
+            raise ValueError(f"SiFT mask has shape {tuple(mask.shape)}, but the divergence is per position of shape "
+                             f"{tuple(values.shape)}: pass one of that shape (the attention mask, or labels != -100)")
+        mask = mask.to(values.dtype)
+        return (values * mask).sum() / mask.sum().clamp_min(1)
+
     def _logits(self, out, width):
         """The logits in what the model returned, checked against the divergence (width: sequence length)."""
         if self.logits_fn is not None:
@@ -1705,7 +1794,7 @@ class SiFT:
             return (self._clean.to(x.dtype),) + args[1:]
         return ((self._clean.detach() + self._delta).to(x.dtype),) + args[1:]
 
-    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1):
+    def backward(self, forward, loss_fn, scaler=None, accumulation_steps=1, mask=None):
         self._refuse_reentrant_checkpointing(self.model, "SiFT")
         handle = self.module.register_forward_pre_hook(self._hook)
         try:
@@ -1714,23 +1803,32 @@ class SiFT:
             if self._clean is None:
                 raise RuntimeError("SiFT: the forward pass never reached the module it perturbs in front of "
                                    f"({type(self.module).__name__}): pass module= the LayerNorm after the embeddings")
-            logits = self._logits(out, self._clean.shape[1] if self._clean.dim() > 2 else -1)
+            width = self._clean.shape[1] if self._clean.dim() > 2 else -1
+            logits = self._logits(out, width)
+            per_token = logits.dim() > 2 or (logits.dim() == 2 and logits.shape[1] == width > 2)
+            if per_token and mask is None and not getattr(self, "_said_mask", False):
+                import warnings
+                self._said_mask = True
+                warnings.warn(f"SiFT: the logits {tuple(logits.shape)} are per token and no mask= was given: every "
+                              "position counts, padding included; pass backward(..., mask=attention_mask) or "
+                              "mask=labels != -100", UserWarning, stacklevel=2)
             loss = loss_fn(out)
             noise = torch.randn_like(self._clean, dtype=torch.float32) * self.init
             delta = noise.clamp(-2 * self.init, 2 * self.init)
             self._delta = delta.requires_grad_()
             with self._no_sync():
                 adv = forward()
-                ascent = self.divergence_of(self._logits(adv, -1), logits.detach()).sum()
+                values = self._positions(self._logits(adv, -1), logits.detach(), per_token)
+                ascent = self._mean(values, mask) * len(values)  # a sum over examples (DeBERTa's), per-token a mean
                 unit = scaler.scale(ascent.new_ones(())) if scaler is not None else 1.0  # no fp16 underflow,
                 grad, = torch.autograd.grad(ascent * unit, self._delta)  # then undone; a tensor: no host sync
             grad = grad / unit
             ok = torch.isfinite(grad).all()
-            self.skipped = self.skipped.to(ok.device) + (~ok)
+            self._count_skip(ok)
             moved = delta.detach() + self.lr * grad / (1e-6 + grad.abs().amax(-1, keepdim=True))
             self._delta = torch.where(ok, moved, torch.zeros_like(moved))
             out = forward()
-            kl = self.divergence_of(self._logits(out, -1), logits).mean()
+            kl = self._mean(self._positions(self._logits(out, -1), logits, per_token), mask)
             self.last_kl = kl.detach()
             self._scaled(loss + self.alpha * kl, scaler, accumulation_steps).backward()
         finally:
@@ -2006,7 +2104,7 @@ class FoldTraining:
         self.gate = AttackGate(cfg, self.steps_per_epoch, warmup_steps, self.select_metric)
         self.evals = set(evaluation_steps(cfg.eval_every, self.steps_per_epoch, cfg.epochs))
         self.selection = Selection(self.select_metric)
-        self.adv_started, self.adv_steps, self.first_epoch = None, 0, 0
+        self.adv_started, self.adv_steps, self.first_epoch, self.scaler_skips = None, 0, 0, 0
         self.train_seconds = self.eval_seconds = 0.0
         log.info(f"{name}{len(train_data[0])} training texts | {self.steps_per_epoch} optimizer steps per epoch, "
                  f"{total_steps} in all, {warmup_steps} of warm-up | total batch {cfg.batch_size * cfg.grad_accum} = "
@@ -2024,7 +2122,7 @@ class FoldTraining:
                 "gate": (self.gate.start, self.gate.best), "selection": dict(vars(self.selection)),
                 "adv_started": self.adv_started, "adv_steps": self.adv_steps,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "skipped": int(self.attack.skipped), "rng": rng_state()}
+                "skipped": int(self.attack.skipped), "scaler_skips": self.scaler_skips, "rng": rng_state()}
 
     def restore(self, saved: dict):
         self.model.load_state_dict(saved["model"])
@@ -2037,6 +2135,7 @@ class FoldTraining:
         self.adv_started, self.adv_steps, self.first_epoch = saved["adv_started"], saved["adv_steps"], saved["epoch"]
         self.train_seconds, self.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
         self.attack.skipped = torch.tensor(saved["skipped"])
+        self.scaler_skips = saved.get("scaler_skips", 0)
         set_rng_state(saved["rng"])
         log.info(f"{self.name}resumed after epoch {self.first_epoch} of {self.cfg.epochs}")
 
@@ -2073,7 +2172,10 @@ class FoldTraining:
             self.window_batches += 1
             if not last_micro:
                 continue
+            scale = self.scaler.get_scale() if self.scaler is not None else None  # as transformers' Trainer does
             optimizer_step(model, self.optimizer, self.scheduler, self.scaler, cfg.max_grad_norm)
+            if scale is not None and self.scaler.get_scale() < scale:  # GradScaler skipped this step
+                self.scaler_skips += 1
             if cfg.progress and i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if step + 1 in self.evals:
@@ -2118,6 +2220,10 @@ class FoldTraining:
         if skips:
             log.info(f"{self.name}{cfg.method}: {skips} step(s) had a non-finite gradient and ran without "
                      "perturbation")
+        if self.scaler_skips:
+            log.info(f"{self.name}fp16: GradScaler skipped {self.scaler_skips} of {self.steps_per_epoch * cfg.epochs} "
+                     f"optimizer steps (non-finite gradients{' with the attack on' if self.adv_steps else ''}); "
+                     "many skips: lower the attack's size, or use --amp bf16")
         attack_said = f", {'after' if best['attack_seen'] else 'before'} the attack started" \
             if cfg.method != "baseline" else ""
         log.info(f"{self.name}selected the evaluation at epoch {best['epoch']:.2f} (valid {self.select_metric} "
@@ -2125,6 +2231,7 @@ class FoldTraining:
         return {"history": self.selection.history, "best": best, "state": self.selection.state,
                 "valid_probs": self.selection.probs, "adv_started_at": self.adv_started,
                 "attack_scale": getattr(self.attack, "scale", None), "attack_skips": skips,
+                "grad_scaler_skips": self.scaler_skips,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
                 "train_samples": len(self.loader.dataset) * cfg.epochs}
 
@@ -2865,6 +2972,7 @@ def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dt
         "eval_seconds": round(sum(r["eval_seconds"] for r in results), 2),
         "attack_scale": results[0]["attack_scale"],
         "attack_skips": sum(r["attack_skips"] for r in results),
+        "grad_scaler_skips": sum(r.get("grad_scaler_skips", 0) for r in results),
         "adv_started_at": [r["adv_started_at"] for r in results],
         "device": describe_device(device) if world_size() == 1 else f"{world_size()} x {describe_device(device)}",
         "world_size": world_size(),

@@ -514,7 +514,8 @@ def test_each_attack_class_runs_pasted_alone_with_only_torch(method, tiny):
 
 def test_helpers_repeated_in_the_attack_classes_are_the_same_text():
     classes = [advtrain.Baseline, *ATTACKS.values()]
-    for helper in ("_no_sync", "_scaled", "_norm", "_embedding_owner", "_refuse_reentrant_checkpointing"):
+    for helper in ("_no_sync", "_scaled", "_norm", "_embedding_owner", "_refuse_reentrant_checkpointing",
+                   "_count_skip"):
         texts = {inspect.getsource(vars(c)[helper] if not isinstance(vars(c)[helper], staticmethod)
                                    else vars(c)[helper].__func__) for c in classes if helper in vars(c)}
         assert len(texts) == 1, helper

@@ -2316,12 +2316,14 @@ def _build_adversarial_trainer():
         its autocast, Trainer's normalisation for gradient accumulation, max_grad_norm and the
         optimizer step (both after the step's last backward), DDP through torchrun. attack=None is
         plain Trainer; adv_start is the (fractional) epoch from which the attack runs. Works with
-        Hugging Face heads (outputs with .loss/.logits; compute_loss_func is honoured) and with
-        advtrain.Classifier (cross-entropy on its logits)."""
+        Hugging Face heads (outputs with .loss/.logits, which follow the head's problem_type;
+        compute_loss_func is honoured) and with advtrain.Classifier, whose loss is task.loss
+        (task=advtrain.Task(...): regression, multi-label, several targets), else transformers' own rule
+        for a head without problem_type: one output MSE, integer labels cross-entropy, float labels BCE."""
 
-        def __init__(self, *args, attack=None, adv_start: float = 0.0, **kwargs):
+        def __init__(self, *args, attack=None, adv_start: float = 0.0, task=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.attack, self.adv_start = attack, adv_start
+            self.attack, self.adv_start, self.task = attack, adv_start, task
             if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
                 self.label_names = ["labels"]  # its forward takes no labels: keep the column anyway
             if attack is not None and self.args.n_gpu > 1:
@@ -2334,7 +2336,7 @@ def _build_adversarial_trainer():
             if isinstance(inner, Classifier):
                 labels = inputs["labels"]
                 features = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-                return lambda: model(**features), lambda logits: F.cross_entropy(logits.float(), labels)
+                return lambda: model(**features), lambda logits: self._classifier_loss(logits, labels)
             if self.compute_loss_func is not None:
                 labels = inputs["labels"]
                 features = {k: v for k, v in inputs.items() if k != "labels"}
@@ -2343,6 +2345,16 @@ def _build_adversarial_trainer():
             extra = {"num_items_in_batch": num_items_in_batch} if (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None) else {}
             return lambda: model(**inputs, **extra), lambda out: out["loss"]
+
+        def _classifier_loss(self, logits, labels):
+            if self.task is not None:
+                return self.task.loss(logits, labels)
+            logits = logits.float()
+            if logits.shape[-1] == 1:
+                return F.mse_loss(logits.squeeze(-1), labels.float().reshape(len(logits)))
+            if not labels.is_floating_point():
+                return F.cross_entropy(logits, labels)
+            return F.binary_cross_entropy_with_logits(logits, labels)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not isinstance(getattr(model, "module", model), Classifier):

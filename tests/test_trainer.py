@@ -129,3 +129,58 @@ def test_advtrain_imports_without_accelerate(tmp_path):
                           env={"PYTHONPATH": f"{tmp_path}:{ROOT}", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("FGM")
+
+
+TASKS = {"regression": advtrain.Task("regression", ["score"], "rmse"),
+         "multilabel": advtrain.Task("multilabel", ["a", "b", "c"], "auc")}
+
+
+def task_dataset(tok, task, n=8):
+    rows = dataset(tok, n)
+    g = torch.Generator().manual_seed(0)
+    for row in rows:
+        row["labels"] = (torch.rand(len(task.target_cols), generator=g) * 3 if task.kind == "regression"
+                         else (torch.rand(len(task.target_cols), generator=g) > 0.5).float())
+    return rows
+
+
+@pytest.mark.parametrize("method", ["baseline", "fgm", "awp", "sift"])
+@pytest.mark.parametrize("kind", list(TASKS))
+def test_trainer_trains_the_tasks_own_loss_as_advtrains_loop_does(kind, method, model_dirs, tmp_path):
+    task = TASKS[kind]
+    model = without_dropout(advtrain.Classifier.from_pretrained(str(model_dirs["deberta-v2"]), dropout=0.0,
+                                                                num_labels=task.num_outputs))
+    tok = advtrain.load_tokenizer(str(model_dirs["deberta-v2"]))
+    reference, data = copy.deepcopy(model), task_dataset(tok, task)
+
+    def attack(m):
+        if method == "sift":
+            return advtrain.SiFT(m, init=0.0, divergence=task.divergence)
+        return attack_for(method, m)
+
+    trainer = Sequential(model=model, args=trainer_args(tmp_path, epochs=3), train_dataset=data,
+                         attack=attack(model), task=task)
+    trainer.train()
+    mine = attack(reference) or advtrain.Baseline()
+    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    scheduler = advtrain.build_scheduler(optimizer, "constant", 0, 1)
+    features = {k: torch.stack([d[k] for d in data]) for k in ("input_ids", "attention_mask")}
+    labels = torch.stack([d["labels"] for d in data])
+    for _ in range(3):
+        advtrain.micro_step(mine, reference, features, labels, torch.device("cpu"), None, None, 1, task.loss)
+        advtrain.optimizer_step(reference, optimizer, scheduler, None, 1.0)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_without_a_task_the_classifier_follows_transformers_rule_for_its_loss(model_dirs, tmp_path):
+    tok = advtrain.load_tokenizer(str(model_dirs["deberta-v2"]))
+    for task in TASKS.values():
+        model = advtrain.Classifier.from_pretrained(str(model_dirs["deberta-v2"]), num_labels=task.num_outputs)
+        trainer = advtrain.AdversarialTrainer(model=model, args=trainer_args(tmp_path), attack=None,
+                                              train_dataset=task_dataset(tok, task))
+        logits, labels = torch.randn(4, task.num_outputs), torch.stack([r["labels"] for r in
+                                                                          task_dataset(tok, task, 4)])
+        expected = task.loss(logits, labels) if task.kind == "multilabel" or task.num_outputs > 1 else \
+            torch.nn.functional.mse_loss(logits.squeeze(-1), labels.squeeze(-1))
+        torch.testing.assert_close(trainer._classifier_loss(logits, labels), expected)

@@ -2657,8 +2657,9 @@ class Interrupted(Exception):
 
 def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | None = None,
         sample_submission: pd.DataFrame | None = None) -> dict:
-    """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and
-    model.pt into cfg.output_dir, and return the metrics dict (the content of metrics.json).
+    """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and the
+    model folder (model/, or model_fold<k>/ for kfold: safetensors weights, config, tokenizer; see
+    save_model) into cfg.output_dir, and return the metrics dict (the content of metrics.json).
     train, test and sample_submission: DataFrames prepared in pandas, instead of the files.
     The files appear once the run has succeeded (see STAGE); a failed run leaves the earlier ones as
     they were. Under torchrun every process trains its share; rank 0 alone logs and writes."""

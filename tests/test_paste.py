@@ -209,3 +209,33 @@ def test_a_model_with_two_backbones_or_no_pad_id_is_refused_in_one_sentence(mode
     with pytest.raises(ValueError, match="FreeLB found no config with a pad_token_id .* pass pad_token_id="):
         make_attack("freelb", Bare())
     assert make_attack("freelb", Bare(), pad_token_id=0).pad_token_id == 0
+
+
+@pytest.fixture(scope="module")
+def three_archs(tmp_path_factory):
+    return {arch: advtrain.make_tiny_model(tmp_path_factory.mktemp(arch), arch, TEXTS)
+            for arch in ("bert", "roberta", "deberta-v2")}
+
+
+@pytest.mark.parametrize("method", list(ATTACKS))
+@pytest.mark.parametrize("arch", ["bert", "roberta", "deberta-v2"])
+def test_default_gradient_checkpointing_gives_the_gradients_of_no_checkpointing(arch, method, three_archs):
+    """model.gradient_checkpointing_enable() as Kaggle notebooks call it (transformers' default kind)."""
+    path = three_archs[arch]
+    tok = advtrain.load_tokenizer(str(path))
+    batch, labels = tok(TEXTS, padding=True, return_tensors="pt"), torch.tensor([1, 0, 1, 0])
+    grads = []
+    for checkpoint in (False, True):
+        torch.manual_seed(0)
+        model = advtrain.Classifier.from_pretrained(str(path), dropout=0.0)
+        if checkpoint:
+            model.backbone.gradient_checkpointing_enable()
+        model.train()
+        before = snapshot(model)
+        torch.manual_seed(1)
+        make_attack(method, model).backward(lambda: model(batch["input_ids"], batch["attention_mask"]),
+                                            lambda out: F.cross_entropy(out, labels))
+        assert_restored(model, before)
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

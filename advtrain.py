@@ -2725,7 +2725,15 @@ def _train_and_write(cfg: Config, out: Path, frames: dict) -> dict:
     results, parts, test_pred = train_folds(cfg, data, folds, device, amp_dtype, out)
     metrics = summarize_run(cfg, data, folds, results, parts, device, amp_dtype, started)
     if rank() == 0:
-        write_outputs(out, data, parts, test_pred, metrics)
+        try:
+            write_outputs(out, data, parts, test_pred, metrics)
+        except OSError as e:  # a full disk (ENOSPC, 28): training is over, so its checkpoint can make room
+            if e.errno != 28 or not (out / CHECKPOINT).is_file():
+                raise
+            (out / CHECKPOINT).unlink()
+            log.warning(f"the disk was full while writing the outputs: deleted {CHECKPOINT} (training is finished) "
+                        "and wrote them again")
+            write_outputs(out, data, parts, test_pred, metrics)
     return metrics
 
 

@@ -327,3 +327,21 @@ def test_no_progress_silences_the_bars_of_transformers(data_dir, model_dirs, tmp
     assert "Loading weights" not in captured.err + captured.out
     assert "Loading weights" not in (tmp_path / "run" / "train.log").read_text()
     assert advtrain.transformers.utils.logging.is_progress_bar_enabled()  # as it was before the run
+
+
+# 14. a disk so full that the outputs do not fit beside the checkpoint: the checkpoint makes room
+def test_outputs_that_do_not_fit_beside_the_checkpoint_replace_it(data_dir, model_dirs, tmp_path, monkeypatch):
+    real, calls = advtrain.atomic_write, []
+
+    def full_while_the_checkpoint_is_there(path, write):
+        stage = advtrain.Path(path).parent
+        if advtrain.Path(path).name == "oof.csv" and (stage / advtrain.CHECKPOINT).is_file():
+            calls.append(path)
+            raise OSError(28, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(advtrain, "atomic_write", full_while_the_checkpoint_is_there)
+    out = tmp_path / "run"
+    advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0))
+    assert len(calls) == 1 and (out / "submission.csv").is_file() and (out / "oof.csv").is_file()
+    assert "deleted checkpoint.pt (training is finished) and wrote them again" in (out / "train.log").read_text()

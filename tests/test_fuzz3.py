@@ -345,3 +345,12 @@ def test_outputs_that_do_not_fit_beside_the_checkpoint_replace_it(data_dir, mode
     advtrain.run(base_config(data_dir, model_dirs["bert"], out, epochs=1, eval_every=1.0))
     assert len(calls) == 1 and (out / "submission.csv").is_file() and (out / "oof.csv").is_file()
     assert "deleted checkpoint.pt (training is finished) and wrote them again" in (out / "train.log").read_text()
+
+
+# 24. texts the vocabulary cannot spell are not called missing tokenizer files
+def test_texts_in_a_script_the_vocabulary_cannot_spell_are_named(model_dirs):
+    tok = advtrain.load_tokenizer(str(model_dirs["bert"]))
+    config = advtrain.transformers.AutoConfig.from_pretrained(str(model_dirs["bert"]))
+    ids = advtrain.tokenize(tok, ["東京で地震が発生", "大雨の警報"], 32)
+    with pytest.raises(advtrain.UserError, match="or the texts are in a script its vocabulary cannot spell"):
+        advtrain.check_tokenizer(tok, config, ids, "tiny")

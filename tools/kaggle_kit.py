@@ -220,8 +220,8 @@ def write_notebooks(root: Path = ROOT) -> list[Path]:
 # --------------------------------------------------------------------------------------------- kaggle CLI
 
 GPU_SESSIONS = 2  # Kaggle runs at most this many GPU batch sessions per account at once
-WANTED = ("submission.csv", "metrics.json", "train.log", "results.md", "results.csv", "valid.png",
-          "score.png", "ensemble_submission.csv")  # what `make output` keeps of /kaggle/working
+WANTED = ("submission.csv", "metrics.json", "train.log", "results.md", "results.csv", "runs.csv", "valid.png",
+          "score.png", "grid.png", "ensemble_submission.csv")  # what `make output` keeps of /kaggle/working
 FINISHED = ("COMPLETE", "ERROR", "CANCEL_ACKNOWLEDGED", "CANCEL_REQUESTED")
 
 

@@ -3614,9 +3614,11 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
     searched = "".join(f", {k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
-    header = (f"# advtrain comparison\n\nmodel `{shown}`, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr}, "
-              f"attack from {cfg.adv_start}, evaluation every {cfg.eval_every} epoch, metric "
-              f"{results['metric'].iloc[0]}, split {cfg.split}, seeds {', '.join(map(str, seeds))}{searched}.\n")
+    fixed = {"epochs": f"{cfg.epochs} epochs", "batch_size": f"batch {cfg.batch_size}", "lr": f"lr {cfg.lr}",
+             "adv_start": f"attack from {cfg.adv_start}", "eval_every": f"evaluation every {cfg.eval_every} epoch"}
+    said = ", ".join(text for name, text in fixed.items() if name not in grid)  # the grid says the others
+    header = (f"# advtrain comparison\n\nmodel `{shown}`, {said}, metric {results['metric'].iloc[0]}, split "
+              f"{cfg.split}, seeds {', '.join(map(str, seeds))}{searched}.\n")
     text = results_markdown(results, reference, header, keys)
     if ensemble:
         runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]

@@ -3492,8 +3492,9 @@ def plot_results(root: Path, results: pd.DataFrame, keys=()) -> list[Path]:
     fig.tight_layout()
     paths.append(root / "score.png")
     fig.savefig(paths[1])
-    if keys:
-        paths.append(plot_grid(root / "grid.png", results, keys))
+    varied = [k for k in keys if results[k].dropna().nunique() > 1]  # a setting of one value makes no panel
+    if varied:
+        paths.append(plot_grid(root / "grid.png", results, varied))
     return paths
 
 

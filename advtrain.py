@@ -3366,8 +3366,8 @@ def _label(method: str, setting: dict) -> str:
 
 def summarize(results: pd.DataFrame, reference: str = "baseline", keys=()) -> pd.DataFrame:
     """One row per method and grid setting (results.csv): mean and std over seeds, how many selected a
-    checkpoint trained with the attack, the share of changed test labels, and the paired difference
-    from the reference run of the same seed (and shared settings) with its 95% CI. `gain` is that
+    checkpoint trained with the attack, the share of changed test labels, and the paired difference to
+    the reference run of the same seed (and shared settings) with its 95% CI. `gain` is that
     difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
     results = results.assign(paired=reference_runs(results, reference, keys))

@@ -2108,6 +2108,7 @@ class FoldTraining:
         self.evals = set(evaluation_steps(cfg.eval_every, self.steps_per_epoch, cfg.epochs))
         self.selection = Selection(self.select_metric)
         self.adv_started, self.adv_steps, self.first_epoch, self.scaler_skips = None, 0, 0, 0
+        self.last_scale = self.scaler.get_scale() if self.scaler is not None else None
         self.train_seconds = self.eval_seconds = 0.0
         log.info(f"{name}{len(train_data[0])} training texts | {self.steps_per_epoch} optimizer steps per epoch, "
                  f"{total_steps} in all, {warmup_steps} of warm-up | total batch {cfg.batch_size * cfg.grad_accum} = "
@@ -2133,6 +2134,7 @@ class FoldTraining:
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
+            self.last_scale = self.scaler.get_scale()
         self.gate.start, self.gate.best = saved["gate"]
         self.selection.__dict__.update(saved["selection"])
         self.adv_started, self.adv_steps, self.first_epoch = saved["adv_started"], saved["adv_steps"], saved["epoch"]
@@ -2175,10 +2177,10 @@ class FoldTraining:
             self.window_batches += 1
             if not last_micro:
                 continue
-            scale = self.scaler.get_scale() if self.scaler is not None else None  # as transformers' Trainer does
             optimizer_step(model, self.optimizer, self.scheduler, self.scaler, cfg.max_grad_norm)
-            if scale is not None and self.scaler.get_scale() < scale:  # GradScaler skipped this step
-                self.scaler_skips += 1
+            if self.scaler is not None:  # the scale falls only when GradScaler skips a step: one host read a step
+                scale, self.last_scale = self.last_scale, self.scaler.get_scale()
+                self.scaler_skips += self.last_scale < scale
             if cfg.progress and i % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
             if step + 1 in self.evals:
@@ -2674,14 +2676,14 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
         if world_size() > 1:
             dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if rank() > 0:
-            with logging_to(None):
+            with logging_to(None), transformers_bars(cfg.progress):
                 return _run(cfg, stage, frames)
         with output_lock(out):
             if not cfg.resume and stage.exists():  # what an interrupted run left: files and model folders
                 for p in stage.iterdir():
                     _remove(p)
             stage.mkdir(exist_ok=True)
-            with logging_to(stage / "train.log", append=cfg.resume):
+            with logging_to(stage / "train.log", append=cfg.resume), transformers_bars(cfg.progress):
                 try:
                     metrics = _run(cfg, stage, frames)
                 except (UserError, Interrupted, KeyboardInterrupt, OSError) as e:
@@ -2711,11 +2713,6 @@ def transformers_bars(enabled: bool):
 
 
 def _run(cfg: Config, out: Path, frames: dict) -> dict:
-    with transformers_bars(cfg.progress):
-        return _train_and_write(cfg, out, frames)
-
-
-def _train_and_write(cfg: Config, out: Path, frames: dict) -> dict:
     started = time.time()
     log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     device = resolve_device(cfg.device)
@@ -3182,7 +3179,7 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
             if info["num_labels"] != task.num_outputs:
                 raise UserError(f"{folder} has {info['num_labels']} output(s), but its run's {task.kind} task needs "
                                 f"{task.num_outputs}: the model folder belongs to another run; copy the run's own.")
-            if info.get("vocabulary", vocabulary_digest(tokenizer)) != vocabulary_digest(tokenizer):
+            if "vocabulary" in info and info["vocabulary"] != vocabulary_digest(tokenizer):
                 raise UserError(f"{folder}'s tokenizer is not the one the model was trained with ({len(tokenizer)} "
                                 "tokens, another vocabulary): the tokenizer files belong to another model; copy the "
                                 "run's own.")

@@ -97,6 +97,8 @@ class Config:
     overwrite: bool = _opt(False, "replace the files of an earlier run in output_dir (only once this run succeeds)")
     resume: bool = _opt(False, "continue the interrupted run in output_dir from its last completed epoch")
     seed: int = _opt(42, "seed of the data split, the shuffling and the initialisation")
+    split_seed: int = _opt(-1, "seed of the split alone (holdout, validation rows, folds); -1: seed. One value for "
+                           "runs of several seeds puts them on the same rows, to blend them")
     device: str = _opt("auto", "auto (cuda if present), cuda, cuda:1, cpu")
     # data: columns, task, metric
     text_cols: str = _opt("text", "text column(s), comma-separated: two are encoded as a sentence pair; three or "
@@ -208,8 +210,11 @@ class Config:
                      "sift_lambda", "sift_init", "sift_lr"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}.")
-        if self.seed >= 2**32:
-            raise UserError(f"seed must be below 2**32 (numpy's range), got {self.seed}.")
+        for name in ("seed", "split_seed"):
+            if getattr(self, name) >= 2**32:
+                raise UserError(f"{name} must be below 2**32 (numpy's range), got {getattr(self, name)}.")
+        if self.split_seed < -1:
+            raise UserError(f"split_seed is a seed (0 or more) or -1 for the training seed, got {self.split_seed}.")
         if 0 < self.max_len < 4:
             raise UserError(f"max_len {self.max_len} leaves no room for text beside the special tokens: use 0 (the "
                             "longest training text) or at least 4.")
@@ -812,6 +817,17 @@ def frame_as_text(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return text.reset_index(drop=True)
 
 
+def table_digest(df: pd.DataFrame | None) -> str | None:
+    """A fingerprint of a table as read (its column names and every cell as text): the same for a file moved
+    to another folder or machine, or given as a DataFrame, and another after any cell changes. A run records
+    one per table, so that its results are reused or resumed only on the data they came from."""
+    if df is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]
+
+
 def _require(df: pd.DataFrame, cols, where: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -856,8 +872,9 @@ def test_side(cfg: Config, task: Task, tables: dict, where: dict) -> dict:
 def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
     """The competition's tables (DataFrames given from Python win over files), checked: columns, ids,
     targets and the sample submission. Returns train, test, the sample submission (or None), the id
-    column, the task, the submission's columns and the test ids in submission order."""
+    column, the task, the submission's columns, the test ids in submission order and each table's digest."""
     tables, where, folder = read_tables(cfg, frames={"train": train, "test": test, "sample_submission": sample})
+    digests = {role: table_digest(df) for role, df in tables.items()}
     train = tables["train"]
     _require(train, cfg.text_cols + (["keyword"] if cfg.use_keyword else []) + cfg.target_cols, where["train"])
     if cfg.task != "regression":
@@ -870,7 +887,7 @@ def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
         n_empty = int(sum((df[c].str.strip() == "").sum() for c in cfg.text_cols))
         if n_empty:
             log.info(f"{role}: {n_empty} empty text(s)")
-    return {"train": train, "task": task, "where": where, "dir": folder, **side}
+    return {"train": train, "task": task, "where": where, "dir": folder, "digests": digests, **side}
 
 
 def input_texts(df: pd.DataFrame, cfg: Config, sep_token: str | None):
@@ -1112,6 +1129,34 @@ def resolve_model(name: str) -> str:
             log.info(f"model {name}: using the snapshot attached at {config.parent}")
             return str(config.parent)
     return name
+
+
+# The files of a model folder that decide what a run starts from (weights, config, tokenizer), by suffix.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_digest(folder: str, stamp: tuple) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and not path.name.lower().startswith("readme"):
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_digest(name_or_dir: str) -> str:
+    """A fingerprint of a model folder's weights, config and tokenizer files (their names and contents), so
+    that a run record names the model it started from wherever the folder lies; a hub name stands for itself."""
+    path = Path(name_or_dir).expanduser()
+    if not path.is_dir():
+        return f"hub:{name_or_dir}"
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+    return _folder_digest(str(path.resolve()), stamp)
 
 
 def load_tokenizer(name_or_dir: str):
@@ -2107,7 +2152,7 @@ class FoldTraining:
         self.gate = AttackGate(cfg, self.steps_per_epoch, warmup_steps, self.select_metric)
         self.evals = set(evaluation_steps(cfg.eval_every, self.steps_per_epoch, cfg.epochs))
         self.selection = Selection(self.select_metric)
-        self.adv_started, self.adv_steps, self.first_epoch, self.scaler_skips = None, 0, 0, 0
+        self.adv_started, self.adv_steps, self.first_epoch, self.scaler_skips, self.forked = None, 0, 0, 0, None
         self.last_scale = self.scaler.get_scale() if self.scaler is not None else None
         self.train_seconds = self.eval_seconds = 0.0
         log.info(f"{name}{len(train_data[0])} training texts | {self.steps_per_epoch} optimizer steps per epoch, "
@@ -2126,23 +2171,37 @@ class FoldTraining:
                 "gate": (self.gate.start, self.gate.best), "selection": dict(vars(self.selection)),
                 "adv_started": self.adv_started, "adv_steps": self.adv_steps,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
-                "skipped": int(self.attack.skipped), "scaler_skips": self.scaler_skips, "rng": rng_state()}
+                "skipped": int(self.attack.skipped), "scaler_skips": self.scaler_skips, "fork": self.forked,
+                "rng": rng_state()}
 
-    def restore(self, saved: dict):
+    def restore(self, saved: dict, fork: bool = False):
+        """Continue from a state: this run's own after an interruption, or (fork) its baseline's after the last
+        epoch before this run's attack starts, where everything but the attack's own start is the same."""
         self.model.load_state_dict(saved["model"])
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         if self.scaler is not None and saved["scaler"] is not None:
             self.scaler.load_state_dict(saved["scaler"])
             self.last_scale = self.scaler.get_scale()
+        start = self.gate.start
         self.gate.start, self.gate.best = saved["gate"]
+        if fork:
+            self.gate.start = start
         self.selection.__dict__.update(saved["selection"])
         self.adv_started, self.adv_steps, self.first_epoch = saved["adv_started"], saved["adv_steps"], saved["epoch"]
         self.train_seconds, self.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
         self.attack.skipped = torch.tensor(saved["skipped"])
         self.scaler_skips = saved.get("scaler_skips", 0)
         set_rng_state(saved["rng"])
-        log.info(f"{self.name}resumed after epoch {self.first_epoch} of {self.cfg.epochs}")
+        if fork:
+            self.forked = {"epoch": self.first_epoch, "train_seconds": round(self.train_seconds, 2),
+                           "eval_seconds": round(self.eval_seconds, 2)}
+            log.info(f"{self.name}started from the baseline's state after epoch {self.first_epoch} of "
+                     f"{self.cfg.epochs} (the clean epochs it shares with this run, not trained again: "
+                     f"{self.train_seconds + self.eval_seconds:.0f} s saved)")
+        else:
+            self.forked = saved.get("fork")
+            log.info(f"{self.name}resumed after epoch {self.first_epoch} of {self.cfg.epochs}")
 
     def _attack_for(self, step: int):
         """The attack object for optimizer step `step` (the plain one while the gate is closed)."""
@@ -2236,21 +2295,22 @@ class FoldTraining:
         return {"history": self.selection.history, "best": best, "state": self.selection.state,
                 "valid_probs": self.selection.probs, "adv_started_at": self.adv_started,
                 "attack_scale": getattr(self.attack, "scale", None), "attack_skips": skips,
-                "grad_scaler_skips": self.scaler_skips,
+                "grad_scaler_skips": self.scaler_skips, "fork": self.forked,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
                 "train_samples": len(self.loader.dataset) * cfg.epochs}
 
 
 def train_fold(cfg: Config, task: Task, model: nn.Module, train_data, valid_data, device, amp_dtype, pad_id: int,
-               name: str = "", resume: dict | None = None, checkpoint=None) -> dict:
+               name: str = "", resume: dict | None = None, checkpoint=None, fork: bool = False) -> dict:
     """Train one model; evaluate on validation at the steps `evaluation_steps` names; keep the best
     evaluation's weights (on the CPU). train_data and valid_data are (token ids, targets). Returns the
     evaluations, the best one, its state_dict and validation predictions, the attack's start, scale and
     skip count, and the times. After every epoch checkpoint(state) receives all it takes to continue at
-    that point (resume=state), with the same result as a run never interrupted."""
+    that point (resume=state), with the same result as a run never interrupted; with fork, resume is the
+    baseline's state after the clean epochs this run shares with it (Prefix)."""
     fold = FoldTraining(cfg, task, model, train_data, valid_data, device, amp_dtype, pad_id, name)
     if resume is not None:
-        fold.restore(resume)
+        fold.restore(resume, fork)
     for epoch in range(fold.first_epoch, cfg.epochs):
         fold.run_epoch(epoch)
         if checkpoint is not None:
@@ -2661,13 +2721,14 @@ class Interrupted(Exception):
 
 
 def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | None = None,
-        sample_submission: pd.DataFrame | None = None) -> dict:
+        sample_submission: pd.DataFrame | None = None, prefix: Prefix | None = None) -> dict:
     """Train with cfg, write submission.csv, test_probs.csv, oof.csv, metrics.json, train.log and the
     model folder (model/, or model_fold<k>/ for kfold: safetensors weights, config, tokenizer; see
     save_model) into cfg.output_dir, and return the metrics dict (the content of metrics.json).
     train, test and sample_submission: DataFrames prepared in pandas, instead of the files.
     The files appear once the run has succeeded (see STAGE); a failed run leaves the earlier ones as
-    they were. Under torchrun every process trains its share; rank 0 alone logs and writes."""
+    they were. Under torchrun every process trains its share; rank 0 alone logs and writes. prefix: the
+    clean epochs this run shares with others (compare sets it; see Prefix)."""
     frames = {"train": train, "test": test, "sample": sample_submission}
     started_group = init_distributed()
     try:
@@ -2677,7 +2738,7 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
             dist.barrier()  # every rank has checked the folder before rank 0 writes into it
         if rank() > 0:
             with logging_to(None), transformers_bars(cfg.progress):
-                return _run(cfg, stage, frames)
+                return _run(cfg, stage, frames, prefix)
         with output_lock(out):
             if not cfg.resume and stage.exists():  # what an interrupted run left: files and model folders
                 for p in stage.iterdir():
@@ -2685,7 +2746,7 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
             stage.mkdir(exist_ok=True)
             with logging_to(stage / "train.log", append=cfg.resume), transformers_bars(cfg.progress):
                 try:
-                    metrics = _run(cfg, stage, frames)
+                    metrics = _run(cfg, stage, frames, prefix)
                 except (UserError, Interrupted, KeyboardInterrupt, OSError) as e:
                     why = "interrupted" if isinstance(e, (Interrupted, KeyboardInterrupt)) else str(e).rstrip(".")
                     kept = (" (its last completed epoch is kept: rerun with --resume)"
@@ -2712,7 +2773,7 @@ def transformers_bars(enabled: bool):
         (bars.enable_progress_bar if was else bars.disable_progress_bar)()
 
 
-def _run(cfg: Config, out: Path, frames: dict) -> dict:
+def _run(cfg: Config, out: Path, frames: dict, prefix: Prefix | None = None) -> dict:
     started = time.time()
     log.info(f"advtrain {__version__} | " + " ".join(f"{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
     device = resolve_device(cfg.device)
@@ -2722,7 +2783,7 @@ def _run(cfg: Config, out: Path, frames: dict) -> dict:
              f"{data['max_len']} tokens (longest training text {data['longest']}) | device {describe_device(device)} | "
              f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'}")
     folds = make_folds(cfg, data)
-    results, parts, test_pred = train_folds(cfg, data, folds, device, amp_dtype, out)
+    results, parts, test_pred = train_folds(cfg, data, folds, device, amp_dtype, out, prefix)
     metrics = summarize_run(cfg, data, folds, results, parts, device, amp_dtype, started)
     if rank() == 0:
         try:
@@ -2760,7 +2821,7 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
             groups[empty] = [f"\0row{i}" for i in empty]
             log.info(f"--group-col {cfg.group_col}: {len(empty)} row(s) have no group; each is a group of its own")
     if cfg.split == "holdout":  # sizes that leave nothing to train on fail here, before the model loads
-        holdout_split(len(train_df), cfg.seed, cfg.holdout_size, cfg.valid_size, groups)
+        holdout_split(len(train_df), split_seed(cfg), cfg.holdout_size, cfg.valid_size, groups)
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path)
     try:
@@ -2778,6 +2839,7 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
         train_ids = tokenize(tokenizer, texts[0], max_len, texts[1])
     test_texts = input_texts(data["test"], cfg, tokenizer.sep_token)
     return {**data, "model_path": model_path, "tokenizer": tokenizer, "train_ids": train_ids,
+            "inputs": {**data["digests"], "model": model_digest(model_path)},
             "test_ids": tokenize(tokenizer, test_texts[0], max_len, test_texts[1]),
             "targets": task.encode(train_df), "groups": groups, "max_len": max_len, "longest": longest,
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
@@ -2803,12 +2865,18 @@ def check_tokenizer(tokenizer, model_config, ids, name: str) -> None:
                         "made for that language).")
 
 
+def split_seed(cfg: Config) -> int:
+    """The seed that deals the rows out (holdout, validation, folds): split_seed when set, else the run's seed."""
+    return cfg.seed if cfg.split_seed < 0 else cfg.split_seed
+
+
 def make_folds(cfg: Config, data: dict) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(train, valid, holdout) row indices per fold: one fold for split=holdout, n_folds without holdout.
-    No group (--group-col) is on two sides; k-fold is stratified (class, target decile, rarest label)."""
+    No group (--group-col) is on two sides; k-fold is stratified (class, target decile, rarest label).
+    The rows depend on split_seed(cfg) alone, so runs of one split_seed and any seeds share them."""
     targets, task = data["targets"], data["task"]
     if cfg.split == "holdout":
-        return [holdout_split(len(targets), cfg.seed, cfg.holdout_size, cfg.valid_size, data["groups"])]
+        return [holdout_split(len(targets), split_seed(cfg), cfg.holdout_size, cfg.valid_size, data["groups"])]
     if task.classes:
         counts = np.bincount(targets, minlength=len(task.classes))
         if counts.min() == 0:
@@ -2821,31 +2889,55 @@ def make_folds(cfg: Config, data: dict) -> list[tuple[np.ndarray, np.ndarray, np
     if len(targets) < 2 * cfg.n_folds:
         raise UserError(f"train has {len(targets)} rows, too few for {cfg.n_folds} folds: lower --n-folds.")
     return [(tr, va, np.array([], dtype=int))
-            for tr, va in kfold_splits(strata(task, targets), cfg.n_folds, cfg.seed, data["groups"])]
+            for tr, va in kfold_splits(strata(task, targets), cfg.n_folds, split_seed(cfg), data["groups"])]
 
 
-def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
+@dataclass
+class Prefix:
+    """The clean epochs an attacked run shares with its baseline. A run whose attack starts after epoch E
+    trains exactly as the baseline of its seed until then (same settings, data, RNG and batches), so
+    compare trains those epochs once: the baseline saves its whole training state (weights, optimizer,
+    scheduler, RNG, evaluations so far) after each epoch in `save`, and a run with `load` = E starts from
+    the state saved after epoch E. The files in `folder` are named by clean_key, so that a state is only
+    ever loaded by a run whose clean epochs are the same; a missing one means training from the start."""
+
+    folder: Path
+    save: tuple = ()
+    load: int = 0
+
+    def path(self, key: str, fold: int, epoch: int) -> Path:
+        return Path(self.folder) / f"{key}-fold{fold}-epoch{epoch}.pt"
+
+
+def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path, prefix: Prefix | None = None):
     """Train one model per fold; returns the per-fold results, the out-of-fold predictions (validation
     and holdout of every fold's best evaluation, as (part, rows, predictions, fold)) and the test
     predictions averaged over folds. At the end of every epoch the whole training state goes to
     out/checkpoint.pt, from which cfg.resume continues (finished folds are not trained again); a
-    checkpoint that cannot be written costs the checkpoint (a warning), never the run."""
+    checkpoint that cannot be written costs the checkpoint (a warning), never the run. prefix: the
+    states this run saves for, or loads from, the runs it shares its clean epochs with."""
     ids, targets, task = data["train_ids"], data["targets"], data["task"]
     requested = cfg
     cfg = dataclasses.replace(cfg, max_len=data["max_len"])
-    saved = load_checkpoint(out / CHECKPOINT, requested) if cfg.resume else {"completed": [], "current": None}
+    saved = load_checkpoint(out / CHECKPOINT, requested, data) if cfg.resume else {"completed": [], "current": None}
     completed = saved["completed"]
+    key = clean_key(requested, data["inputs"])
 
     def checkpoint(current):
         if rank() > 0:
             return
-        state = {"advtrain": __version__, "config": dataclasses.asdict(requested), "completed": completed,
-                 "current": current}
-        try:
-            atomic_write(out / CHECKPOINT, lambda tmp: torch.save(state, tmp))
-        except (OSError, RuntimeError) as e:
-            log.warning(f"{CHECKPOINT} not saved ({str(e).splitlines()[0]}): this run goes on, but cannot be resumed "
-                        "from this point; free some disk space")
+        state = {"advtrain": __version__, "config": dataclasses.asdict(requested), "inputs": data["inputs"],
+                 "completed": completed, "current": current}
+        shared = prefix is not None and current is not None and current["epoch"] in prefix.save
+        for path, content in [(out / CHECKPOINT, state)] + ([(prefix.path(key, current["fold"], current["epoch"]),
+                                                              {"key": key, "state": current})] if shared else []):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(path, lambda tmp: torch.save(content, tmp))
+            except (OSError, RuntimeError) as e:
+                lost = "it cannot resume" if path.name == CHECKPOINT else "the runs that share its epochs train them"
+                log.warning(f"{path.name} not saved ({str(e).splitlines()[0]}): this run goes on, but {lost} from "
+                            "this point; free some disk space")
 
     activate = task.activate
     for k, (tr, va, ho) in enumerate(folds):
@@ -2858,9 +2950,13 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
                                            dropout=cfg.dropout).to(device)
         task.init_head(model.head, targets[tr])
         current = saved["current"] if saved["current"] and saved["current"]["fold"] == k else None
+        forked = current is None and prefix is not None and prefix.load > 0
+        if forked:
+            current = load_prefix(prefix.path(key, k, prefix.load), key)
+            forked = current is not None
         result = train_fold(cfg, task, model, ([ids[i] for i in tr], targets[tr]), ([ids[i] for i in va], targets[va]),
                             device, amp_dtype, data["pad_id"], name, resume=current,
-                            checkpoint=lambda state, k=k: checkpoint(dict(state, fold=k)))
+                            checkpoint=lambda state, k=k: checkpoint(dict(state, fold=k)), fork=forked)
         model.load_state_dict(result.pop("state"))
         parts = [("valid", va, result.pop("valid_probs"), k)]
         if len(ho):
@@ -2878,8 +2974,24 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path):
     return results, [p for c in completed for p in c["parts"]], test_pred
 
 
-def load_checkpoint(path: Path, cfg: Config) -> dict:
-    """The checkpoint of an interrupted run, if advtrain wrote it with the same settings."""
+def load_prefix(path: Path, key: str) -> dict | None:
+    """The training state a baseline saved after its clean epochs (Prefix), or None (with the reason logged)
+    where there is none to start from: the run then trains those epochs itself, to the same result."""
+    if not path.is_file():
+        log.info(f"no saved state of the clean epochs ({path.name}): training them")
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["key"] != key:
+            raise ValueError("another run's state")
+        return saved["state"]
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything; training from the start is always right
+        log.warning(f"{path} is not a readable state of this run's clean epochs ({type(e).__name__}): training them")
+        return None
+
+
+def load_checkpoint(path: Path, cfg: Config, data: dict) -> dict:
+    """The checkpoint of an interrupted run, if advtrain wrote it with the same settings on the same data."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False)
         recorded = saved["config"]
@@ -2891,6 +3003,10 @@ def load_checkpoint(path: Path, cfg: Config) -> dict:
     if differ:
         raise UserError(f"--resume: the interrupted run used other settings ({', '.join(differ)}): resume with "
                         "the same settings, or run without --resume.")
+    changed = _differing_inputs(saved.get("inputs"), data["inputs"], data["where"])
+    if changed:
+        raise UserError(f"--resume: the interrupted run trained on other data: {', '.join(changed)}; run without "
+                        "--resume to start again on these files.")
     return saved
 
 
@@ -2995,12 +3111,14 @@ def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dt
         "attack_skips": sum(r["attack_skips"] for r in results),
         "grad_scaler_skips": sum(r.get("grad_scaler_skips", 0) for r in results),
         "adv_started_at": [r["adv_started_at"] for r in results],
+        "fork": [r.get("fork") for r in results],
         "device": describe_device(device) if world_size() == 1 else f"{world_size()} x {describe_device(device)}",
         "world_size": world_size(),
         "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
         "data": {"dir": str(data["dir"] or data["where"]["train"]), "train_rows": len(data["train"]),
                  "test_rows": len(data["test"]), "train": len(folds[0][0]), "valid": len(folds[0][1]),
                  "holdout": len(folds[0][2]), "max_len": data["max_len"], "longest_train_text": data["longest"]},
+        "inputs": data["inputs"],
         "versions": versions(),
         "seconds_total": round(time.time() - started, 2),
     }
@@ -3218,25 +3336,40 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
 # Comparison across methods and seeds: the article's table, done with more than one seed
 # ---------------------------------------------------------------------------------------------
 
-def paired_interval(diffs) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% Student-t interval (nan bounds for a single pair)."""
+def paired_interval(diffs, level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of paired differences and its Student-t interval at `level` (nan bounds for a single pair)."""
     from scipy.stats import t
 
     diffs = np.asarray(diffs, dtype=float)
     mean = float(diffs.mean())
     if len(diffs) < 2:
         return mean, float("nan"), float("nan")
-    half = float(t.ppf(0.975, len(diffs) - 1)) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
+    half = float(t.ppf(1 - (1 - level) / 2, len(diffs) - 1)) * float(diffs.std(ddof=1)) / math.sqrt(len(diffs))
     return mean, mean - half, mean + half
+
+
+def _name_part(value) -> str:
+    """A setting's value as part of a folder name: as written when it is plain (0.5, sum), else with every
+    character a folder name should not hold (/ among them) replaced, and a digest of the value appended
+    so that two paths with one last part stay two folders."""
+    text = str(value)
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "_", text).strip("._") or "_"
+    if safe == text:
+        return text
+    import hashlib
+
+    return f"{safe[-40:]}~{hashlib.sha256(text.encode()).hexdigest()[:6]}"
 
 
 def run_dir_name(method: str, seed: int, setting: dict | None = None) -> str:
     """<method>-seed<seed>, with the grid's settings of that run between: awp-awp_lr=0.5-seed42."""
-    return "-".join([method, *(f"{k}={v}" for k, v in (setting or {}).items()), f"seed{seed}"])
+    return "-".join([method, *(f"{k}={_name_part(v)}" for k, v in (setting or {}).items()), f"seed{seed}"])
 
 
 # Settings that do not change a run's result: a finished run is reused whatever they were.
 _NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
+# Where the data and model lie: a run is reused by their contents (digests), wherever they are.
+_INPUTS = ("competition", "data_dir", "train", "test", "sample_submission", "model")
 # Settings of the attack's schedule, and the methods they change (the baseline never).
 _ATTACK_SETTINGS = {"adv_start": METHODS[1:], "adv_threshold": METHODS[1:], "eps_relative": ("fgm", "pgd", "freelb")}
 
@@ -3252,17 +3385,51 @@ def touches(name: str, method: str) -> bool:
 
 def _differing_settings(recorded: dict, wanted: Config) -> list[str]:
     """The settings in which a finished run's recorded config differs from the wanted one: every setting
-    that can change this method's result counts. A setting the run did not record (it predates that
-    setting) counts as its default."""
+    that can change this method's result counts, but where the data and model lie (their contents are
+    compared by _differing_inputs). A setting the run did not record (it predates that setting) counts as
+    its default."""
     want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
     for name in ("text_cols", "target_cols"):
         defaults[name] = _columns(defaults[name], name)
-    return [k for k in want if k not in _NOT_RESULTS and touches(k, wanted.method)
+    return [k for k in want if k not in _NOT_RESULTS + _INPUTS and touches(k, wanted.method)
             and recorded.get(k, defaults[k]) != want[k]]
 
 
+def _differing_inputs(recorded: dict | None, wanted: dict, where: dict | None = None) -> list[str]:
+    """What changed in the data and model since a run recorded their digests (table_digest, model_digest),
+    each said as a phrase naming the file; everything, when the run recorded none (an earlier advtrain)."""
+    if not recorded:
+        return ["the run predates data fingerprints, so its data is unknown"]
+    names = {role: (where or {}).get(role) or role.replace("_", " ") for role in ("train", "test", "sample_submission")}
+    names["model"] = "the model's files"
+    return [f"{names.get(k, k)} changed" for k in wanted if recorded.get(k) != wanted[k]]
+
+
+def fork_epoch(cfg: Config) -> int:
+    """The whole epochs an attacked run trains exactly as its baseline before its attack can start (adv_start
+    as an epoch; 0 for warmup, auto and the baseline): what it can take from the baseline (Prefix)."""
+    if cfg.method == "baseline" or not _is_number(cfg.adv_start):
+        return 0
+    return min(int(float(cfg.adv_start)), cfg.epochs)
+
+
+def clean_key(cfg: Config, inputs: dict) -> str:
+    """A fingerprint of everything that decides a run's training before its attack starts: each setting that
+    can change a baseline run, and the data and model it reads. Runs of one key train identically until then."""
+    import hashlib
+
+    clean = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in _NOT_RESULTS + _INPUTS + ("method", "preset", "save_model") and touches(k, "baseline")}
+    return hashlib.sha256(json.dumps([clean, inputs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# Settings that decide what is scored (the metric, its direction, the targets): every run of one comparison
+# must share them, or its differences would mix metrics.
+_SCORED = ("metric", "task", "select_metric", "target_cols")
+
+
 def parse_grid(items) -> dict:
-    """--grid KEY=V1,V2 [KEY=...]: each Config field to its values, typed as the field."""
+    """--grid KEY=V1,V2 [KEY=...]: each Config field to its values, typed as the field (one product)."""
     fields, grid = {f.name: f for f in dataclasses.fields(Config)}, {}
     for item in items or []:
         key, sep, values = str(item).partition("=")
@@ -3270,6 +3437,9 @@ def parse_grid(items) -> dict:
         if not sep or key not in fields or key in _NOT_RESULTS + ("method", "seed", "preset"):
             raise UserError(f"--grid {item!r}: write KEY=V1,V2 where KEY is a setting such as awp_lr, fgm_eps, "
                             "adv_start or epochs (a Config field other than method, seed and preset).")
+        if key in _SCORED:
+            raise UserError(f"--grid {key}: runs of one comparison are scored alike, so {key} cannot vary; compare "
+                            f"each {key} in its own --output-dir.")
         if key in grid:
             raise UserError(f"--grid names {key} twice: give all its values in one KEY=V1,V2.")
         kind, parsed = _field_type(fields[key]), []
@@ -3285,24 +3455,59 @@ def parse_grid(items) -> dict:
     return grid
 
 
-def grid_settings(grid: dict, method: str) -> list[dict]:
-    """The settings `method` runs under: every combination of the grid's values of the settings that touch
-    it; one empty setting when none does (the baseline under an AWP grid trains once per seed)."""
-    keys = [k for k in grid if touches(k, method)]
-    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+def parse_grids(groups) -> list[dict]:
+    """--grid given once or more (each a list of KEY=V1,V2): one product per --grid, searched as their union."""
+    return [parse_grid(items) for items in groups or [] if items]
+
+
+def _products(grid) -> list[dict]:
+    """A grid as a list of products: one dict (a single --grid), a list of them, or nothing."""
+    return [grid] if isinstance(grid, dict) else [g for g in grid or [] if g]
+
+
+def grid_keys(grid) -> list[str]:
+    """Every setting any product of the grid varies, in the order given."""
+    return list(dict.fromkeys(k for product in _products(grid) for k in product))
+
+
+def _concerns(product: dict, method: str) -> bool:
+    """Whether a product of a union is searched for `method`: it names one of the method's own settings, or
+    names no method's own settings (lr, epochs), or the method is the baseline, which every setting is paired with."""
+    owners = {k.split("_")[0] for k in product} & set(METHODS[1:])
+    return method == "baseline" or not owners or method in owners
+
+
+def grid_settings(grid, method: str) -> list[dict]:
+    """The settings `method` runs under: every combination of a product's values of the settings that touch
+    it; one empty setting when none does (the baseline under an AWP grid trains once per seed). With several
+    products (--grid given more than once) the union of those that concern the method (_concerns; all of them
+    when none does), each setting once."""
+    products = _products(grid)
+    chosen = [p for p in products if _concerns(p, method)] or products or [{}]
+    settings = {}
+    for product in chosen:
+        keys = [k for k in product if touches(k, method)]
+        for values in itertools.product(*(product[k] for k in keys)):
+            setting = dict(zip(keys, values))
+            settings.setdefault(tuple(sorted(setting.items())), setting)
+    return list(settings.values())
 
 
 def result_row(path: Path) -> tuple[dict, dict]:
-    """One row of the comparison from a run's metrics.json, and the config the run recorded."""
+    """One row of the comparison from a run's metrics.json, and the whole metrics.json. `seconds` is
+    the run's wall time, `fork_seconds` what it did not spend because it started from its baseline's state."""
     try:
         m = json.loads(path.read_text())
         score, select = m["score"], m["config"]["select_metric"] or m["score"]["metric"]
+        forks = [f for f in m.get("fork") or [] if f]
         return {"method": m["config"]["method"], "seed": m["config"]["seed"], "metric": score["metric"],
                 "higher_is_better": bool(score["higher_is_better"]), "valid_best": m["valid_best"][select],
                 "score": score["value"], "threshold": score["threshold"], "attack_seen": bool(m["attack_seen"]),
                 "train_seconds": m["train_seconds"], "samples_per_s": m["train_samples_per_s"],
-                "attack_skips": m["attack_skips"], "run": path.parent.name}, m["config"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+                "attack_skips": m["attack_skips"], "seconds": m.get("seconds_total", m["train_seconds"]),
+                "fork_seconds": sum(f["train_seconds"] + f["eval_seconds"] for f in forks),
+                "run": path.parent.name}, m
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path} is not a metrics.json of this advtrain version ({type(e).__name__}: {e}): delete "
                         "that run folder to run it again.") from None
 
@@ -3361,11 +3566,13 @@ def _label(method: str, setting: dict) -> str:
     return method + (f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else "")
 
 
-def summarize(results: pd.DataFrame, reference: str = "baseline", keys=()) -> pd.DataFrame:
+def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level: float = 0.95) -> pd.DataFrame:
     """One row per method and grid setting (results.csv): mean and std over seeds, how many selected a
     checkpoint trained with the attack, the share of changed test labels, and the paired difference to
-    the reference run of the same seed (and shared settings) with its 95% CI. `gain` is that
+    the reference run of the same seed (and shared settings) with its CI at `level` (95%). `gain` is that
     difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
+    if "labels_changed" not in results:
+        results = results.assign(labels_changed=np.nan)
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
     results = results.assign(paired=reference_runs(results, reference, keys))
     score = dict(zip(results["run"], results["score"]))
@@ -3379,7 +3586,7 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=()) -> pd
                "labels_changed_min": mine["labels_changed"].min(), "paired_seeds": 0}
         pairs = mine.dropna(subset=["paired"]) if method != reference else mine.iloc[:0]
         if len(pairs):
-            diff, lo, hi = paired_interval(pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]])
+            diff, lo, hi = paired_interval(pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]], level)
             glo, ghi = sorted([sign * lo, sign * hi])
             row.update(paired_seeds=len(pairs), diff=diff, lo=lo, hi=hi, gain=sign * diff, gain_lo=glo, gain_hi=ghi)
         rows.append(row)
@@ -3390,7 +3597,7 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=()) -> pd
     return summary
 
 
-def _verdict(row, reference: str, metric: str, label: str) -> str:
+def _verdict(row, reference: str, metric: str, label: str, level: float = 0.95) -> str:
     if math.isnan(row["lo"]):
         return f"{label} vs {reference}: {row['diff']:+.4f} {metric} on one seed; one seed gives no interval."
     if row["gain_lo"] > 0:
@@ -3399,13 +3606,16 @@ def _verdict(row, reference: str, metric: str, label: str) -> str:
         verdict = "worse, distinguishable from zero"
     else:
         verdict = "not distinguishable from zero"
-    return (f"{label} vs {reference}: {row['diff']:+.4f} {metric} (95% CI {row['lo']:+.4f} to "
+    return (f"{label} vs {reference}: {row['diff']:+.4f} {metric} ({100 * level:g}% CI {row['lo']:+.4f} to "
             f"{row['hi']:+.4f}, {row['paired_seeds']} seeds; {'higher' if METRICS[metric] else 'lower'} is better): "
             f"{verdict}.")
 
 
-def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=()) -> str:
-    summary = summarize(results, reference, keys)
+def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=(),
+                     level: float = 0.95) -> str:
+    """The comparison's tables: each method and setting over seeds, then the paired differences from the
+    reference with their CIs at `level` and a verdict each; says why when nothing could be paired."""
+    summary = summarize(results, reference, keys, level)
     metric = results["metric"].iloc[0]
 
     def cell(r, name):
@@ -3429,15 +3639,21 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
     diffs = summary.dropna(subset=["diff"])
     if len(diffs):
         lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
-                  f"| method |{head} seeds | Δ {metric} | 95% CI | gain (positive is better) |",
+                  f"| method |{head} seeds | Δ {metric} | {100 * level:g}% CI | gain (positive is better) |",
                   "|---|" + "---|" * (len(keys) + 4)]
         for _, r in diffs.iterrows():
             ci = f"{r['lo']:+.4f} to {r['hi']:+.4f}" if not math.isnan(r["lo"]) else "n/a"
             lines.append(f"| {r['method']} |{setting(r)} {r['paired_seeds']} | {r['diff']:+.4f} | {ci} | "
                          f"{r['gain']:+.4f} |")
         lines.append("")
-        lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}))
-                  for _, r in diffs.iterrows()]
+        lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}),
+                           level) for _, r in diffs.iterrows()]
+    elif (summary["method"] != reference).any():
+        several = (summary["method"] == reference).sum() > 1
+        why = (f"{reference} is not among the runs" if not (summary["method"] == reference).any() else
+               f"{reference} runs under several settings of the grid, and no run of another method shares a "
+               "setting with one of them" if several else f"no run shares a seed with a run of {reference}")
+        lines.append(f"\nNo paired differences: {why}; add baseline to --methods to pair every run with it.")
     return "\n".join(lines).strip() + "\n"
 
 
@@ -3450,10 +3666,11 @@ def _figure():
     return fig
 
 
-def plot_results(root: Path, results: pd.DataFrame, keys=()) -> list[Path]:
+def plot_results(root: Path, results: pd.DataFrame, keys=(), promoted=()) -> list[Path]:
     """valid.png (the selection metric on validation at every evaluation: mean line, min-max band over
     seeds), score.png (the competition metric per method and setting: seeds and mean) and, for a grid,
-    grid.png (the metric against each grid setting, one line per method, error bars over seeds)."""
+    grid.png (the metric against each grid setting, one line per method, error bars over seeds; the
+    variants a search promoted circled)."""
     metric, order = results["metric"].iloc[0], variants(results, keys)
     direction = "higher" if METRICS[metric] else "lower"
     fig = _figure()
@@ -3491,14 +3708,16 @@ def plot_results(root: Path, results: pd.DataFrame, keys=()) -> list[Path]:
     fig.savefig(paths[1])
     varied = [k for k in keys if results[k].dropna().nunique() > 1]  # a setting of one value makes no panel
     if varied:
-        paths.append(plot_grid(root / "grid.png", results, varied))
+        paths.append(plot_grid(root / "grid.png", results, varied, promoted))
     return paths
 
 
-def plot_grid(path: Path, results: pd.DataFrame, keys) -> Path:
+def plot_grid(path: Path, results: pd.DataFrame, keys, promoted=()) -> Path:
     """One panel per grid setting: the competition metric against its values, one line per method (and
     per value of the other settings), error bars: std over seeds; methods it does not touch as a
-    horizontal line with a band."""
+    horizontal line with a band, each in a colour and dash of its own (the baselines of two learning rates
+    are two lines); the promoted variants ((method, *setting items)) circled."""
+    dashes = [(4, 2), (1, 1), (6, 2, 1, 2), (2, 2), (8, 3)]
     metric = results["metric"].iloc[0]
     fig = _figure()
     fig.set_size_inches(6 * len(keys), 4.5)
@@ -3507,18 +3726,26 @@ def plot_grid(path: Path, results: pd.DataFrame, keys) -> Path:
         values = list(dict.fromkeys(results[key].dropna()))
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         position = {v: (v if numeric else j) for j, v in enumerate(values)}
+        flat, marked = 0, False
         for method, setting in variants(results, [k for k in keys if k != key]):
             rows = _of(results, method, setting)
             label = _label(method, setting)
             if not touches(key, method):
                 mean, std = rows["score"].mean(), rows["score"].std()
-                line = ax.axhline(mean, linestyle="--", color="gray" if method == "baseline" else None, label=label)
+                line = ax.axhline(mean, dashes=dashes[flat % len(dashes)], label=label)
                 ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.1)
+                flat += 1
                 continue
             stats = rows.groupby(key, sort=False)["score"].agg(["mean", "std"])
             stats = stats.loc[[v for v in values if v in stats.index]]
             ax.errorbar([position[v] for v in stats.index], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
                         capsize=3, label=label)
+            for v in stats.index:
+                full = {**setting, key: v}
+                if any(p[0] == method and all(full.get(k) == x for k, x in p[1:]) for p in promoted):
+                    ax.scatter([position[v]], [stats.loc[v, "mean"]], s=220, facecolors="none", edgecolors="black",
+                               linewidths=1.5, zorder=5, label=None if marked else "promoted")
+                    marked = True
         if numeric and min(values) > 0 and max(values) / min(values) >= 100:
             ax.set_xscale("log")
         if not numeric:
@@ -3553,86 +3780,397 @@ def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
             "mean_pairwise_difference": float(np.mean(apart)) if apart else 0.0}
 
 
+@dataclass
+class Item:
+    """One run of a comparison: its method, the grid's setting it runs under, its seed, its whole Config,
+    the phase it belongs to (a search's screen or confirm; empty for compare) and `values`, the value of
+    every grid setting that touches its method (the default where its setting leaves one out)."""
+
+    method: str
+    setting: dict
+    seed: int
+    cfg: Config
+    phase: str = ""
+    values: dict = field(default_factory=dict)
+
+    @property
+    def variant(self) -> tuple:
+        return (self.method, *self.values.items())
+
+
+@dataclass
+class Search:
+    """compare --search: screen every method x setting on screen_seeds; promote at most `promote` settings,
+    those whose mean paired gain over the baseline is largest and above zero; then judge each promoted one on
+    confirm_seeds alone, fresh seeds that took no part in choosing it (a setting chosen on some seeds looks
+    better on them than it is: the winner's curse), over all of them (no stopping when the interval looks
+    good), with the interval widened for the number promoted (Bonferroni)."""
+
+    screen_seeds: list = field(default_factory=lambda: [42, 43, 44])
+    confirm_seeds: list = field(default_factory=lambda: list(range(50, 58)))
+    promote: int = 2
+
+
+# What compare writes beside the run folders; a file an earlier call wrote and this one does not is removed.
+REPORT_FILES = ("runs.csv", "results.csv", "results.md", "valid.png", "score.png", "grid.png",
+                "ensemble_submission.csv")
+
+
+def _plain(value):
+    """A setting's value as a table cell: column lists as the flag writes them."""
+    return join_names(value) if isinstance(value, list) else value
+
+
+def plan_items(cfg: Config, methods, seeds, grid, root: Path, phase: str = "", only=None) -> list[Item]:
+    """The runs of a comparison, in the order they train: seed by seed, the baseline first (the attacked
+    runs of its seed start from its clean epochs), each method under every setting of grid_settings, a
+    setting the union of products names twice (or once by its default) once. only: the variants to keep
+    (with the baseline runs they pair with)."""
+    keys, items, seen = grid_keys(grid), [], set()
+    for seed in seeds:
+        for method in sorted(methods, key=lambda m: m != "baseline"):
+            for setting in grid_settings(grid, method):
+                out = root / run_dir_name(method, seed, setting)
+                wanted = dataclasses.replace(cfg, method=method, seed=seed, output_dir=str(out), overwrite=True,
+                                             resume=cfg.resume and (out / STAGE / CHECKPOINT).is_file(), **setting)
+                item = Item(method, setting, seed, wanted, phase,
+                            {k: _plain(getattr(wanted, k)) for k in keys if touches(k, method)})
+                if (item.variant, seed) in seen or (only is not None and not _kept(item, only)):
+                    continue
+                seen.add((item.variant, seed))
+                items.append(item)
+    return items
+
+
+def _kept(item: Item, only) -> bool:
+    """Whether an item is one of the variants `only` names, or a baseline run one of them pairs with."""
+    if item.method != "baseline":
+        return item.variant in only
+    return any(all(dict(v[1:]).get(k) == value for k, value in item.values.items()) for v in only)
+
+
+class Runner:
+    """Runs the items of a comparison in order, each at most once: a finished run made with the same
+    settings on the same data (table_digest, model_digest) is reused, an interrupted one resumed (with
+    --resume), an attacked run starts from its baseline's state after the clean epochs they share (Prefix),
+    and no run starts once `budget_s` seconds have gone into training in this call."""
+
+    def __init__(self, cfg: Config, frames: dict, root: Path, keys, budget_s: float = 0.0):
+        self.cfg, self.frames, self.root, self.keys, self.budget_s = cfg, frames, root, list(keys), budget_s
+        self.spent, self.trained, self._inputs = 0.0, 0, {}
+        self.prefixes = root / ".prefix"
+
+    def inputs(self, cfg: Config) -> tuple[dict, dict]:
+        """The digests a run of cfg records (its tables and model) and where each table is, read once."""
+        where = (cfg.model, cfg.competition, cfg.data_dir, cfg.train, cfg.test, cfg.sample_submission)
+        if where not in self._inputs:
+            tables, names, _ = read_tables(cfg, frames=self.frames)
+            digests = {role: table_digest(df) for role, df in tables.items()}
+            self._inputs[where] = ({**digests, "model": model_digest(resolve_model(cfg.model))}, names)
+        return self._inputs[where]
+
+    def finished(self, item: Item) -> dict | None:
+        """The item's row if its run finished with these settings on this data; None if it did not finish.
+        A finished run of other settings or data is refused, unless --overwrite runs it again."""
+        out = Path(item.cfg.output_dir)
+        if not (out / "metrics.json").is_file():
+            return None
+        row, metrics = result_row(out / "metrics.json")
+        differ = _differing_settings(metrics["config"], item.cfg)
+        changed = [] if differ else _differing_inputs(metrics.get("inputs"), *self.inputs(item.cfg))
+        if not differ and not changed:
+            return row
+        if self.cfg.overwrite:
+            return None
+        why = f"with other settings ({', '.join(differ)})" if differ else f"on other data ({'; '.join(changed)})"
+        raise UserError(f"{out} was run {why}: pass --overwrite to run it again with these, or choose another "
+                        "--output-dir.")
+
+    def _prefixes(self, items) -> dict:
+        """The Prefix of each item: a baseline saves its state after every epoch at which an attacked run of
+        the same clean settings (clean_key) starts; an attacked run loads the state after its own."""
+        key = {id(i): clean_key(i.cfg, self.inputs(i.cfg)[0]) for i in items}
+        starts = {}
+        for i in items:
+            if fork_epoch(i.cfg):
+                starts.setdefault(key[id(i)], set()).add(fork_epoch(i.cfg))
+        return {id(i): Prefix(self.prefixes, save=tuple(sorted(starts.get(key[id(i)], ()))))
+                if i.method == "baseline" else Prefix(self.prefixes, load=fork_epoch(i.cfg)) for i in items}
+
+    def __call__(self, items: list[Item]) -> tuple[list[dict], list[Item]]:
+        """(a row per finished run, the items left unrun because the budget was spent), in the items' order."""
+        prefixes, rows, left = self._prefixes(items), [], []
+        for item in items:
+            row = self.finished(item)
+            if row is None:
+                if self.budget_s and self.spent >= self.budget_s:  # -1: train nothing
+                    left.append(item)
+                    continue
+                label = _label(item.method, item.setting)
+                print(f"compare: {label} seed {item.seed}{f' ({item.phase})' if item.phase else ''} -> "
+                      f"{item.cfg.output_dir}")
+                tick = time.perf_counter()
+                try:
+                    run(item.cfg, self.frames["train"], self.frames["test"], self.frames["sample_submission"],
+                        prefix=prefixes[id(item)])
+                finally:
+                    self.spent += time.perf_counter() - tick
+                    self.trained += 1
+                row = result_row(Path(item.cfg.output_dir) / "metrics.json")[0]
+            rows.append({**row, **{k: item.values.get(k, np.nan) for k in self.keys}, "phase": item.phase})
+        return rows, left
+
+
 def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None,
-            grid=None) -> pd.DataFrame:
+            grid=None, search: Search | None = None, budget: float = 0.0) -> pd.DataFrame:
     """Run every method x grid setting x seed (the same split for all runs of one seed) into
     cfg.output_dir/<run_dir_name>/, then write runs.csv (one row per run), results.csv and results.md (one
     row per method and setting, with the paired difference from the baseline and its 95% CI) and the
-    plots, from exactly those runs, in the competition's metric. grid ({setting: values}, parse_grid):
-    each method runs under every combination of the settings that touch it (`touches`), so the baseline
-    trains once per seed under an AWP grid and is paired with every setting. A finished run is reused
-    only if it was made with the same settings; otherwise compare stops and says which settings differ
-    (pass --overwrite to run it again); a run interrupted before it finished is resumed (cfg.resume) or
-    started. ensemble: the methods whose test predictions to average into ensemble_submission.csv."""
-    methods, seeds = list(dict.fromkeys(methods)), list(dict.fromkeys(int(s) for s in seeds))
+    plots, from exactly those runs, in the competition's metric. grid ({setting: values}, parse_grid, or a
+    list of such products searched as their union): each method runs under every combination of the
+    settings that touch it (`touches`), so the baseline trains once per seed under an AWP grid and is
+    paired with every setting. A finished run is reused only if it was made with the same settings on the
+    same data; otherwise compare stops and says what differs (pass --overwrite to run it again); a run
+    interrupted before it finished is resumed (cfg.resume) or started. An attacked run whose attack starts
+    after a whole epoch starts from its baseline's state at that epoch (Prefix), with the same result.
+    search: screen on its seeds, then confirm the promoted settings on fresh ones (Search; `seeds` is not
+    used). budget: minutes of training this call may spend (0: no cap, -1: none, only the tables of what has
+    finished); what is left runs with the next call. ensemble: the methods whose test predictions to average
+    into ensemble_submission.csv."""
+    methods = list(dict.fromkeys(methods))
+    seeds = list(dict.fromkeys(int(s) for s in (search.screen_seeds if search else seeds)))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods or not seeds:
         raise UserError(f"compare needs methods from {', '.join(METHODS)} and at least one seed "
                         f"(got methods={methods}, seeds={seeds}).")
-    bad = [s for s in seeds if not 0 <= s < 2**32]
+    confirm = list(dict.fromkeys(int(s) for s in search.confirm_seeds)) if search else []
+    bad = [s for s in seeds + confirm if not 0 <= s < 2**32]
     if bad:
         raise UserError(f"--seeds: {bad[0]} is outside numpy's range of seeds, 0 to 2**32 - 1.")
     missing = [m for m in ensemble or [] if m not in methods]
     if missing:
         raise UserError(f"--ensemble names {', '.join(missing)}, which --methods does not run.")
-    grid = dict(grid or {})
-    idle = [k for k in grid if not any(touches(k, m) for m in methods)]
+    if not (isinstance(budget, (int, float)) and math.isfinite(budget) and (budget >= 0 or budget == -1)):
+        raise UserError(f"--budget is minutes of training (0: no cap), got {budget!r}.")
+    products = _products(grid)
+    keys = grid_keys(products)
+    idle = [k for k in keys if not any(touches(k, m) for m in methods)]
     if idle:
         raise UserError(f"--grid {idle[0]} changes none of --methods {','.join(methods)}: add the method it "
                         "belongs to, or drop it from the grid.")
+    scored = [k for k in keys if k in _SCORED]
+    if scored:
+        raise UserError(f"--grid {scored[0]}: runs of one comparison are scored alike, so {scored[0]} cannot vary; "
+                        f"compare each {scored[0]} in its own --output-dir.")
+    if search:
+        _check_search(search, methods, seeds, confirm)
     root = Path(cfg.output_dir).expanduser()
     if root.exists() and not root.is_dir() or root.is_symlink() and not root.exists():
         raise UserError(f"compare's output_dir {root} is a file (or a broken link): choose a folder with --output-dir.")
-    plan = []  # every run, its settings checked before any training
-    for seed in seeds:
-        for method in methods:
-            for setting in grid_settings(grid, method):
-                out = root / run_dir_name(method, seed, setting)
-                plan.append((setting, dataclasses.replace(
-                    cfg, method=method, seed=seed, output_dir=str(out), overwrite=True,
-                    resume=cfg.resume and (out / STAGE / CHECKPOINT).is_file(), **setting)))
+    frames = {"train": train, "test": test, "sample_submission": sample_submission}
+    runner = Runner(cfg, frames, root, keys, 60.0 * budget)
+    screen = plan_items(cfg, methods, seeds, products, root, "screen" if search else "")
+    for item in screen:  # every finished run's settings and data checked before any training
+        runner.finished(item)
     root.mkdir(parents=True, exist_ok=True)
+    reference = "baseline" if "baseline" in methods else methods[0]
+    rows, left = runner(screen)
+    promoted = None  # decided once the whole screen has run
+    if search and not left:
+        promoted = promote(summarize(pd.DataFrame(rows), reference, keys), search.promote, keys)
+        more, left = runner(plan_items(cfg, methods, confirm, products, root, "confirm", only=set(promoted)))
+        rows += more
+    text = write_report(root, cfg, pd.DataFrame(rows), reference, keys, seeds, ensemble, search, promoted,
+                        left, runner, products)
+    if left:
+        print(f"compare: {'--no-train' if budget < 0 else f'the budget of {budget:g} minutes is spent'} "
+              f"({runner.spent / 60:.1f} minutes of training in {runner.trained} run(s)); {len(left)} run(s) left: "
+              "run the same command with --resume to continue.")
+    else:
+        _remove(runner.prefixes)  # every run that could start from a saved clean state has finished
+    print(text)
+    return summarize(pd.DataFrame(rows), reference, keys) if rows else pd.DataFrame()
+
+
+def _check_search(search: Search, methods, screen, confirm) -> None:
+    if "baseline" not in methods:
+        raise UserError("--search judges every setting by its paired gain over the baseline: add baseline to "
+                        "--methods.")
+    if len(methods) < 2:
+        raise UserError("--search needs an attack beside the baseline in --methods (e.g. baseline,fgm).")
+    if not confirm:
+        raise UserError("--search needs fresh seeds to confirm on: give --confirm-seeds.")
+    reused = sorted(set(screen) & set(confirm))
+    if reused:
+        raise UserError(f"--confirm-seeds must be fresh, but {', '.join(map(str, reused))} also screen(s): seeds "
+                        "that chose a setting cannot also prove it; pick others.")
+    if not (isinstance(search.promote, int) and search.promote >= 1):
+        raise UserError(f"--promote is how many settings to confirm (1 or more), got {search.promote!r}.")
+
+
+def promote(screened: pd.DataFrame, k: int, keys=()) -> list[tuple]:
+    """The variants ((method, *setting items)) to confirm: at most k, those with the largest mean paired gain
+    over the baseline on the screening seeds, and only where that gain is above zero."""
+    gaining = screened[(screened["paired_seeds"] > 0) & (screened["gain"] > 0)].sort_values("gain", ascending=False,
+                                                                                           kind="stable")
+    return [(r["method"], *((key, r[key]) for key in keys if touches(key, r["method"]))) for _, r in
+            gaining.head(k).iterrows()]
+
+
+def search_table(results: pd.DataFrame, reference: str, keys, search: Search, promoted) -> pd.DataFrame:
+    """results.csv of a search: compare's summary of the screen, then for each setting whether it was
+    promoted, its runs and paired difference on the fresh seeds (confirm_*, the interval widened for the
+    number promoted: ci_level), its verdict, and the minutes its runs took in both phases."""
+    screened = summarize(results[results["phase"] == "screen"], reference, keys)
+    level = 1 - 0.05 / max(len(promoted), 1)
+    fresh = results[results["phase"] == "confirm"]
+    confirmed = summarize(fresh, reference, keys, level) if len(fresh) else None
     rows = []
-    for setting, wanted in plan:
-        out = Path(wanted.output_dir)
-        if (out / "metrics.json").is_file():
-            row, recorded = result_row(out / "metrics.json")
-            differ = _differing_settings(recorded, wanted)
-            if not differ:
-                print(f"compare: {out} is finished with the same settings, not run again")
-                rows.append({**row, **{k: setting.get(k, np.nan) for k in grid}})
-                continue
-            if not cfg.overwrite:
-                raise UserError(f"{out} was run with other settings ({', '.join(differ)}): pass --overwrite to "
-                                "run it again with these, or choose another --output-dir.")
-        print(f"compare: {_label(wanted.method, setting)} seed {wanted.seed} -> {out}")
-        run(wanted, train, test, sample_submission)
-        rows.append({**result_row(out / "metrics.json")[0], **{k: setting.get(k, np.nan) for k in grid}})
-    reference, keys = ("baseline" if "baseline" in methods else methods[0]), list(grid)
-    results = with_changed_labels(root, pd.DataFrame(rows), reference, keys)
-    atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
-    summary = summarize(results, reference, keys)
-    atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
+    for _, r in screened.iterrows():
+        setting = {k: r[k] for k in keys if touches(k, r["method"])}
+        row = {**r.to_dict(), "promoted": (r["method"], *setting.items()) in promoted,
+               "confirm_runs": len(_of(fresh, r["method"], setting)), "confirm_seeds": 0, "ci_level": level}
+        for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi"):
+            row[f"confirm_{name}"] = np.nan
+        if confirmed is not None and row["promoted"]:
+            c = _of(confirmed, r["method"], setting).iloc[0]
+            row.update(confirm_seeds=int(c["paired_seeds"]),
+                       **{f"confirm_{n}": c[n] for n in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi")})
+        row["verdict"] = _search_verdict(row, r["method"] == reference, len(search.confirm_seeds))
+        row["minutes"] = _of(results, r["method"], setting)["seconds"].sum() / 60
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _search_verdict(row: dict, is_reference: bool, planned: int) -> str:
+    """pays (the fresh seeds' interval of the gain above zero), costs (below), undecided (spans zero); a
+    verdict only once every fresh seed has run."""
+    if is_reference:
+        return "reference"
+    if not row["promoted"]:
+        return "not promoted"
+    if row["confirm_seeds"] < planned:
+        return f"pending ({row['confirm_seeds']} of {planned} fresh seeds)"
+    if row["confirm_gain_lo"] > 0:
+        return "pays"
+    return "costs" if row["confirm_gain_hi"] < 0 else "undecided"
+
+
+def search_markdown(table: pd.DataFrame, keys, metric: str) -> str:
+    """The search's decisions, one row per setting: screened, promoted, confirmed on fresh seeds, verdict."""
+    level = f"{100 * table['ci_level'].iloc[0]:g}%"
+    lines = [f"| method | setting | screen seeds | screen gain | promoted | fresh seeds | Δ {metric} | gain | "
+             f"{level} CI of the gain | verdict | minutes |", "|---" * 11 + "|"]
+    for _, r in table.iterrows():
+        reference = r["verdict"] == "reference"
+        setting = ", ".join(f"{k}={r[k]}" for k in keys if touches(k, r["method"])) or "-"
+        screened = "n/a" if reference or not r["paired_seeds"] else f"{r['gain']:+.4f}"
+        cells = [r["method"], setting, str(r["seeds"]), screened,
+                 "n/a" if reference else "yes" if r["promoted"] else "no", str(r["confirm_runs"] or "-")]
+        if r["confirm_seeds"]:
+            ci = "n/a" if math.isnan(r["confirm_lo"]) else f"{r['confirm_gain_lo']:+.4f} to {r['confirm_gain_hi']:+.4f}"
+            cells += [f"{r['confirm_diff']:+.4f}", f"{r['confirm_gain']:+.4f}", ci]
+        else:
+            cells += ["-", "-", "-"]
+        cells += [r["verdict"], f"{r['minutes']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _grid_text(products) -> str:
+    """The grid as the header says it: `k in {v1, v2}` per setting, products joined by `or` (a union)."""
+    said = ["; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in p.items()) for p in products]
+    return ", " + " or ".join(f"({s})" if len(said) > 1 else s for s in said) if said else ""
+
+
+def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str, keys, seeds, ensemble=None,
+                 search: Search | None = None, promoted=None, left=(), runner: Runner | None = None,
+                 products=()) -> str:
+    """runs.csv, results.csv, results.md and the plots, from the finished runs alone; a report file an earlier
+    call left that this one does not write is removed, so that nothing stale sits beside the tables. Returns
+    the text of results.md."""
+    written = []
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
-    searched = "".join(f", {k} in {{{', '.join(map(str, v))}}}" for k, v in grid.items())
     fixed = {"epochs": f"{cfg.epochs} epochs", "batch_size": f"batch {cfg.batch_size}", "lr": f"lr {cfg.lr}",
              "adv_start": f"attack from {cfg.adv_start}", "eval_every": f"evaluation every {cfg.eval_every} epoch"}
-    said = ", ".join(text for name, text in fixed.items() if name not in grid)  # the grid says the others
-    header = (f"# advtrain comparison\n\nmodel `{shown}`, {said}, metric {results['metric'].iloc[0]}, split "
-              f"{cfg.split}, seeds {', '.join(map(str, seeds))}{searched}.\n")
-    text = results_markdown(results, reference, header, keys)
-    if ensemble:
-        runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]
-        info = ensemble_submission(root, runs, root / "ensemble_submission.csv")
-        apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
-                 if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
-                 "(mean absolute difference of their test predictions)")
-        text += (f"\nEnsemble of {', '.join(ensemble)} over {len(seeds)} seed(s) ({len(runs)} runs): "
-                 f"ensemble_submission.csv; {apart}.\n")
+    said = ", ".join(text for name, text in fixed.items() if name not in keys)  # the grid says the others
+    split = f"split {cfg.split}" + (f" (split seed {cfg.split_seed} for every run)" if cfg.split_seed >= 0 else "")
+    metric = results["metric"].iloc[0] if len(results) else cfg.metric or "the competition metric"
+    where = (f"model `{shown}`, {said}, metric {metric}, {split}"
+             + ("" if search else f", seeds {', '.join(map(str, seeds))}") + _grid_text(products) + ".\n")
+    if reference != "baseline":
+        where += (f"\nNo baseline in --methods: {reference}, the first method, is the reference of the paired "
+                  "differences.\n")
+    if len(results):
+        results = with_changed_labels(root, results, reference, keys)
+    if results.empty:
+        text = f"# advtrain comparison\n\n{where}\nNo run has finished yet.\n"
+    elif search is None:
+        text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys)
+    else:
+        text = _search_report(root, results, reference, keys, search, promoted, where, written)
+    if left:
+        phases = pd.Series([i.phase or "compare" for i in left]).value_counts()
+        text += (f"\n**Stopped by --budget**: {len(left)} run(s) left ("
+                 + ", ".join(f"{n} {p}" for p, n in phases.items()) + "); the same command with --resume continues.\n")
+    if len(results):
+        atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
+        written.append("runs.csv")
+        if search is None:
+            summary = summarize(results, reference, keys)
+            atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
+            written.append("results.csv")
+        if len(results) > 0 and runner is not None:
+            saved = results["fork_seconds"].sum() / 60
+            if saved > 0:
+                text += (f"\nTraining: {results['seconds'].sum() / 60:.1f} minutes for {len(results)} runs; starting "
+                         f"the attacked runs from their baseline's clean epochs saved {saved:.1f} minutes.\n")
+        if ensemble:
+            runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]
+            info = ensemble_submission(root, runs, root / "ensemble_submission.csv")
+            written.append("ensemble_submission.csv")
+            apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
+                     if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
+                     "(mean absolute difference of their test predictions)")
+            text += (f"\nEnsemble of {', '.join(ensemble)} over {results['seed'].nunique()} seed(s) ({len(runs)} "
+                     f"runs): ensemble_submission.csv; {apart}.\n")
+        shown_runs = results[results["phase"] != "confirm"] if search else results
+        written += [p.name for p in plot_results(root, shown_runs, keys, promoted or ())]
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text))
-    plot_results(root, results, keys)
-    print(text)
-    return summary
+    written.append("results.md")
+    for name in REPORT_FILES:
+        if name not in written:
+            (root / name).unlink(missing_ok=True)
+    return text
+
+
+def _search_report(root: Path, results: pd.DataFrame, reference: str, keys, search: Search, promoted, where: str,
+                   written: list) -> str:
+    """results.md and results.csv of a search."""
+    table = search_table(results, reference, keys, search, promoted or ())
+    atomic_write(root / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    written.append("results.csv")
+    metric, k = results["metric"].iloc[0], max(len(promoted or ()), 1)
+    screen = results[results["phase"] == "screen"]
+    fresh = results[results["phase"] == "confirm"]
+    names = [_label(v[0], dict(v[1:])) for v in promoted or ()]
+    level = 1 - 0.05 / k
+    text = (f"# advtrain search\n\n{where}\nScreened every setting on seeds {', '.join(map(str, search.screen_seeds))}"
+            f"; promoted at most {search.promote} with a mean paired gain above zero: "
+            + (", ".join(names) if names else "none gained" if promoted is not None else
+               "not decided yet (the screen has not finished)")
+            + f"; confirmed on fresh seeds {', '.join(map(str, search.confirm_seeds))}, which took no part in "
+            f"choosing, with the interval widened for {k} comparison(s) (Bonferroni: {100 * level:g}%).\n\n"
+            + search_markdown(table, keys, metric)
+            + f"\n\ngain: the paired difference from the baseline of the same seed in the metric's own direction "
+            f"(positive is better). Verdicts from the fresh seeds alone, once all have run: **pays** (interval above "
+            f"zero), **costs** (below zero), **undecided** (spans zero). minutes: the wall time of the setting's runs "
+            f"in both phases.\n\n## Screen: seeds {', '.join(map(str, search.screen_seeds))}\n\n")
+    text += results_markdown(screen, reference, "", keys) if len(screen) else "No screening run has finished yet.\n"
+    if len(fresh):
+        text += (f"\n## Confirmation on fresh seeds: {', '.join(map(str, search.confirm_seeds))} "
+                 f"({100 * level:g}% intervals)\n\n" + results_markdown(fresh, reference, "", keys, level))
+    return text
 
 
 # ---------------------------------------------------------------------------------------------
@@ -3803,11 +4341,24 @@ def build_parser() -> argparse.ArgumentParser:
                      {"output_dir": "submissions/demo"})
     comp = sub.add_parser("compare", help="every method x seed, a table with intervals, plots, an ensemble")
     comp.add_argument("--methods", default="baseline,fgm,awp,sift", help="comma-separated (default: %(default)s)")
-    comp.add_argument("--seeds", default="42,43,44", help="comma-separated (default: %(default)s)")
+    comp.add_argument("--seeds", default=None, help="comma-separated (default: 42,43,44)")
     comp.add_argument("--ensemble", default="", help="methods whose runs to average into ensemble_submission.csv")
-    comp.add_argument("--grid", nargs="+", default=[], metavar="KEY=V1,V2",
+    comp.add_argument("--grid", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
                       help="settings to search: every method x combination x seed, e.g. --grid awp_lr=1e-3,1 "
-                      "awp_objective=adversarial,sum; the baseline runs once per seed unless a setting touches it")
+                      "awp_objective=adversarial,sum; the baseline runs once per seed unless a setting touches it. "
+                      "Given more than once, the union of the grids (--grid fgm_eps=0.1,0.2 --grid sift_lambda=1,3)")
+    comp.add_argument("--search", action="store_true",
+                      help="screen every setting on --screen-seeds, promote the best (--promote) and judge them on "
+                      "--confirm-seeds alone: pays, costs or undecided")
+    comp.add_argument("--screen-seeds", default="42,43,44", help="--search: seeds that choose (default: %(default)s)")
+    comp.add_argument("--confirm-seeds", default="50,51,52,53,54,55,56,57",
+                      help="--search: fresh seeds that judge the promoted settings (default: %(default)s)")
+    comp.add_argument("--promote", type=int, default=2, help="--search: settings to confirm, at most; only those "
+                      "with a mean paired gain above zero (default: %(default)s)")
+    comp.add_argument("--budget", type=float, default=0.0, help="minutes of training this call may spend; the "
+                      "runs left run with the next call and --resume (default: 0, no cap)")
+    comp.add_argument("--no-train", action="store_true", help="train nothing: the tables and plots from the runs "
+                      "that have finished, the others listed as left")
     add_config_flags(comp, {"output_dir": "submissions/compare"})
     pred = sub.add_parser("predict", help="predict the test file with saved runs (offline): average their models "
                           "into submission.csv and test_probs.csv")
@@ -3837,6 +4388,14 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
+def _seeds(flag: str, text: str) -> list[int]:
+    """Comma-separated seeds, spaces allowed."""
+    seeds = [s for s in split_names(text) if s]
+    if not all(s.lstrip("-").isdigit() for s in seeds):
+        raise UserError(f"{flag} takes comma-separated integers, got {text!r}.")
+    return [int(s) for s in seeds]
+
+
 def _terminate(signum, frame):
     raise Interrupted(signum)
 
@@ -3862,11 +4421,15 @@ def main(argv=None) -> int:
                 raise UserError("compare runs every method of --methods (comma-separated, e.g. --methods "
                                 "baseline,fgm); --method is for train.")
             cfg = config_from_args(args, {"output_dir": "submissions/compare"})
-            seeds = [s for s in args.seeds.split(",") if s]
-            if not all(s.strip().lstrip("-").isdigit() for s in seeds):
-                raise UserError(f"--seeds takes comma-separated integers, got {args.seeds!r}.")
-            compare(cfg, [m for m in args.methods.split(",") if m], seeds,
-                    [m for m in args.ensemble.split(",") if m] or None, grid=parse_grid(args.grid))
+            if args.search and args.seeds is not None:
+                raise UserError("--search runs --screen-seeds, then --confirm-seeds; --seeds is for compare alone.")
+            seeds, screen, confirm = (_seeds(flag, getattr(args, name) or default) for flag, name, default in (
+                ("--seeds", "seeds", "42,43,44"), ("--screen-seeds", "screen_seeds", ""),
+                ("--confirm-seeds", "confirm_seeds", "")))
+            search = Search(screen, confirm, args.promote) if args.search else None
+            compare(cfg, [m for m in split_names(args.methods) if m], seeds,
+                    [m for m in split_names(args.ensemble) if m] or None, grid=parse_grids(args.grid), search=search,
+                    budget=-1 if args.no_train else args.budget)
         elif args.command == "predict":
             weights = [w for w in args.weights.split(",") if w]
             if not all(_is_number(w, minimum=0) for w in weights):

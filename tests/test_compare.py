@@ -106,7 +106,7 @@ def test_compare_runs_tables_plots_resumes_and_ensembles(data_dir, model_dirs, t
     assert "Ensemble of baseline, fgm" in text
 
     # A second call runs nothing and rebuilds the same table; a lost table is rebuilt from the runs.
-    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: pytest.fail("a finished run was run again"))
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a, **k: pytest.fail("a finished run was run again"))
     (out / "results.md").unlink()
     assert advtrain.main(args) == 0
     assert (out / "results.md").read_text() == text
@@ -119,7 +119,8 @@ def test_compare_reruns_only_what_did_not_finish(data_dir, model_dirs, tmp_path,
     (out / "fgm-seed2" / "metrics.json").unlink()  # as if that run had crashed
     ran = []
     real_run = advtrain.run
-    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: (ran.append((cfg.method, cfg.seed)), real_run(cfg, *a))[1])
+    monkeypatch.setattr(advtrain, "run",
+                        lambda cfg, *a, **k: (ran.append((cfg.method, cfg.seed)), real_run(cfg, *a, **k))[1])
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
     assert ran == [("fgm", 2)]
 
@@ -133,7 +134,7 @@ def test_compare_rejects_unknown_methods(capsys):
 def test_compare_refuses_a_finished_run_made_with_other_settings(data_dir, model_dirs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "cmp"
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
-    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: pytest.fail("ran before refusing"))
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a, **k: pytest.fail("ran before refusing"))
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out) + ["--lr", "1e-4"]) == 2
     err = capsys.readouterr().err
     assert "was run with other settings (lr)" in err and "--overwrite" in err
@@ -209,8 +210,8 @@ def test_compare_grid_trains_the_baseline_once_per_seed_and_resumes_without_trai
     args[args.index("--methods") + 1] = "baseline,awp"
     ran = []
     real_run = advtrain.run
-    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: (ran.append((cfg.method, cfg.awp_lr, cfg.seed)),
-                                                          real_run(cfg, *a))[1])
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a, **k: (ran.append((cfg.method, cfg.awp_lr, cfg.seed)),
+                                                               real_run(cfg, *a, **k))[1])
     assert advtrain.main(args) == 0
     assert sorted(m for m, _, _ in ran) == ["awp"] * 4 + ["baseline"] * 2
     assert sorted((lr, s) for m, lr, s in ran if m == "awp") == [(0.5, 1), (0.5, 2), (1.0, 1), (1.0, 2)]

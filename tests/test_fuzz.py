@@ -190,7 +190,8 @@ def test_a_lock_of_a_live_process_that_is_not_python_is_taken_over(data_dir, mod
 
 def test_compare_resume_runs_a_seed_that_never_started(data_dir, model_dirs, tmp_path, monkeypatch):
     seen, real = [], advtrain.run
-    monkeypatch.setattr(advtrain, "run", lambda cfg, *a: (seen.append((cfg.seed, cfg.resume)), real(cfg, *a))[1])
+    monkeypatch.setattr(advtrain, "run",
+                        lambda cfg, *a, **k: (seen.append((cfg.seed, cfg.resume)), real(cfg, *a, **k))[1])
     advtrain.compare(tiny(data_dir, model_dirs, tmp_path / "cmp", resume=True), ["baseline"], [1])
     assert seen == [(1, False)]
 

@@ -18,7 +18,7 @@ import numpy as np
 from scipy.sparse import hstack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from advtrain import Config, Task, holdout_split, input_texts, load_competition, metric_value  # noqa: E402
+from advtrain import Config, Task, holdout_split, input_texts, load_competition, metric_value, split_seed  # noqa: E402
 
 
 def features(train_texts, other_texts):
@@ -60,7 +60,7 @@ def reference(run: Path) -> dict:
     task = Task(**metrics["task"])
     y = task.encode(data["train"])
     groups = data["train"][cfg.group_col].to_numpy() if cfg.group_col else None
-    train, valid, holdout = holdout_split(len(y), cfg.seed, cfg.holdout_size, cfg.valid_size, groups)
+    train, valid, holdout = holdout_split(len(y), split_seed(cfg), cfg.holdout_size, cfg.valid_size, groups)
     first, second = input_texts(data["train"], cfg, " [SEP] ")
     texts = np.array([a if second is None else f"{a} [SEP] {b}" for a, b in
                       zip(first, second if second is not None else first)], dtype=object)

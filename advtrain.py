@@ -85,8 +85,8 @@ class Config:
     method: str = _opt("baseline", "adversarial method", METHODS)
     preset: str = _opt("", "start from a named set of settings; every setting you give wins", ("", "article", "recipe"))
     model: str = _opt("microsoft/deberta-v3-xsmall", "hub name or local folder of a Hugging Face encoder")
-    competition: str = _opt("nlp-getting-started", "Kaggle slug of the competition: where its files are mounted "
-                            "under /kaggle/input")
+    competition: str = _opt("", "Kaggle slug of the competition, where its files are mounted under /kaggle/input; "
+                            "empty: the attached competition's, recorded from its mount (nothing for other folders)")
     data_dir: str = _opt("", "folder with train and test (.csv or .tsv) and the sample submission; empty: the "
                          "competition's Kaggle mount, else ./data")
     train: str = _opt("", "the training file, if not data_dir's train.csv/.tsv")
@@ -367,9 +367,9 @@ def find_file(folder: Path, role: str) -> Path | None:
     return next((folder / n for n in NAMES[role] if (folder / n).exists()), None)
 
 
-def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "nlp-getting-started") -> Path:
-    """An explicit folder wins; else the competition's Kaggle mount; else any folder under /kaggle/input
-    holding the `needs` file; else ./data."""
+def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "") -> Path:
+    """An explicit folder wins; else the competition's Kaggle mount (when named); else any folder under
+    /kaggle/input holding the `needs` file; else ./data."""
     wanted = " or ".join(NAMES[needs])
     if data_dir:
         path = Path(data_dir).expanduser()
@@ -378,7 +378,7 @@ def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "
                             "files (`make data` downloads them), or name the file with --" + needs.replace("_", "-")
                             + ".")
         return path
-    for mount in (KAGGLE_INPUT / "competitions" / competition, KAGGLE_INPUT / competition):
+    for mount in (KAGGLE_INPUT / "competitions" / competition, KAGGLE_INPUT / competition) if competition else ():
         if find_file(mount, needs):
             return mount
     if KAGGLE_INPUT.is_dir():
@@ -389,6 +389,17 @@ def find_data_dir(data_dir: str = "", needs: str = "train", competition: str = "
         return Path("data")
     raise UserError(f"No {wanted} found in ./data or under /kaggle/input: run `make data` "
                     "(or attach the competition to the notebook), or pass --data-dir.")
+
+
+def competition_of(cfg: Config, folder) -> str:
+    """The competition a run's data came from, as its record says it: the one named, else the slug of a
+    Kaggle competition mount (/kaggle/input/competitions/<slug>), else nothing: a guess could send a later
+    submission to the wrong competition."""
+    if cfg.competition or folder is None:
+        return cfg.competition
+    parts = Path(folder).resolve().parts
+    mount = KAGGLE_INPUT.parts + ("competitions",)
+    return parts[len(mount)] if parts[:len(mount)] == mount and len(parts) > len(mount) else ""
 
 
 def read_table(path: Path, required=()) -> pd.DataFrame:
@@ -614,12 +625,31 @@ class Task:
         return df[self.target_cols].astype(float).to_numpy(dtype=np.float32)
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The task's loss in float32. Targets of a regression or multilabel task are taken as floats in the
+        outputs' shape (one per row for a single output, never broadcast into a rows x rows matrix)."""
         logits = logits.float()
         if self.classes:
-            return F.cross_entropy(logits, labels)
+            return F.cross_entropy(logits, labels if labels.is_floating_point() and labels.dim() > 1 else
+                                   labels.long())
+        if labels.shape != logits.shape:
+            if labels.numel() != logits.numel():
+                raise ValueError(f"{self.kind} targets of shape {tuple(labels.shape)} do not fit outputs of shape "
+                                 f"{tuple(logits.shape)}: give one value per row and output")
+            labels = labels.reshape(logits.shape)
+        labels = labels.to(logits.dtype)
         if self.kind == "multilabel":
             return F.binary_cross_entropy_with_logits(logits, labels)
         return F.mse_loss(logits, labels)
+
+    @classmethod
+    def of_kind(cls, kind: str, outputs: int) -> "Task":
+        """A task from its kind alone (AdversarialTrainer(task="regression")): the loss needs no more."""
+        if kind not in TASKS[1:]:
+            raise ValueError(f"task must be an advtrain.Task or one of {', '.join(TASKS[1:])}, got {kind!r}")
+        classes = [str(i) for i in range(max(outputs, 2))] if kind in ("binary", "multiclass") else []
+        targets = ["label"] if classes else [f"label{i}" for i in range(outputs)]
+        return cls(kind, targets, {"binary": "f1", "multiclass": "accuracy", "multilabel": "auc"}.get(kind, "rmse"),
+                   classes)
 
     @torch.no_grad()
     def init_head(self, head: nn.Linear, y: np.ndarray) -> None:
@@ -676,8 +706,9 @@ class Task:
                         f"{self.metric} writes {', '.join(ours)}: name the targets with --target-cols (or pick the "
                         "metric with --metric).")
 
-    def submission(self, ids, pred: np.ndarray, id_header: str, columns: dict, threshold: float = 0.5):
-        """The submission table: id, then labels (as train writes them), probabilities or values."""
+    def submission(self, ids, pred: np.ndarray, id_header: str, columns: dict, threshold: float = 0.5, layout=None):
+        """The submission table: id, then labels (as train writes them), probabilities or values; in the
+        column order `layout` (the sample submission's own, where its id is not first) when given."""
         ours = self.value_columns()
         if self.writes_labels:
             labels = self.labels(pred, threshold)
@@ -686,7 +717,8 @@ class Task:
             values = pred[:, 1:] if self.kind == "binary" else pred
         frame = pd.DataFrame(values, columns=ours)
         frame.insert(0, id_header, np.asarray(ids))
-        return frame[[id_header, *[c for c in columns]]].rename(columns=columns)
+        frame = frame[[id_header, *[c for c in columns]]].rename(columns=columns)
+        return frame[list(layout)] if layout else frame
 
     def check_values(self, column: str, values: pd.Series) -> str | None:
         """Why the first wrong cell of a submission column (as text) is wrong, or None."""
@@ -845,15 +877,19 @@ def test_side(cfg: Config, task: Task, tables: dict, where: dict) -> dict:
         raise UserError("No test file: the competition folder needs test.csv (or test.tsv) beside train; pass "
                         "--data-dir, or name the file with --test.")
     id_col = cfg.id_col or (str(sample.columns[0]) if sample is not None else "id")
+    if sample is not None and not cfg.id_col and id_col not in test.columns:
+        shared = [str(c) for c in sample.columns if c in test.columns]
+        raise UserError(f"{where['test']} has no column {id_col}, the first column of {where['sample_submission']}, "
+                        "which was taken as the id: name the id column with --id-col"
+                        + (f" (--id-col {shared[0]}?)." if shared else "."))
     _require(test, [id_col] + cfg.text_cols + (["keyword"] if cfg.use_keyword else []), where["test"])
     check_ids(test, id_col, where["test"])
-    order = test[id_col]
+    order, layout = test[id_col], None
     if sample is not None:
         sample_id = id_col if id_col in sample.columns else sample.columns[0]
         if set(sample[sample_id]) != set(test[id_col]):
-            raise UserError(f"{where['sample_submission']} and {where['test']} list different ids: download both "
-                            "again with `make data` (or name the id column with --id-col).")
-        order = sample[sample_id]
+            raise UserError(_different_ids(sample[sample_id], test[id_col], where))
+        order, layout = sample[sample_id], [str(c) for c in sample.columns]
         sample = sample[[sample_id, *[c for c in sample.columns if c != sample_id]]]
         columns = task.match_sample(sample.columns[1:], where["sample_submission"])
         if task.writes_labels and task.classes and not all(map(_is_number, task.classes)):
@@ -866,7 +902,24 @@ def test_side(cfg: Config, task: Task, tables: dict, where: dict) -> dict:
     else:
         columns = {c: c for c in task.value_columns()}
     return {"test": test, "sample": sample, "id_col": id_col, "columns": columns, "order": order.to_numpy(),
-            "id_header": str(sample.columns[0]) if sample is not None else id_col}
+            "id_header": str(sample.columns[0]) if sample is not None else id_col, "layout": layout}
+
+
+def _different_ids(sample_ids: pd.Series, test_ids: pd.Series, where: dict) -> str:
+    """Why the sample submission and the test file list different ids, in one sentence: the same numbers
+    written two ways (648.0 and 648: a tool read them as floats), or other ids."""
+    def numbers(ids):
+        values = pd.to_numeric(ids, errors="coerce")
+        return None if values.isna().any() else set(values.astype(float))
+
+    a, b = numbers(sample_ids), numbers(test_ids)
+    if a is not None and a == b:
+        mine, theirs = sample_ids.iloc[0], test_ids[pd.to_numeric(test_ids) == float(sample_ids.iloc[0])].iloc[0]
+        return (f"{where['sample_submission']} and {where['test']} write the same ids in two number formats ("
+                f"{mine!r} and {theirs!r}): a tool saved one of them with floats; write the ids alike, as the "
+                "competition's own files do.")
+    return (f"{where['sample_submission']} and {where['test']} list different ids: download both again with `make "
+            "data` (or name the id column with --id-col).")
 
 
 def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
@@ -1229,6 +1282,7 @@ class FGM:
     def __init__(self, model, eps: float = 0.2, scope: str = "example", relative: bool = True):
         if scope not in ("example", "vocab"):
             raise ValueError(f"FGM scope must be 'example' or 'vocab', got {scope!r}")
+        self._check_sizes("FGM", eps=eps)
         self.owner = self._embedding_owner(model, "FGM")
         self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
@@ -1237,6 +1291,19 @@ class FGM:
         self.eps, self.scope = eps, scope
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._ids = None
+
+    @staticmethod
+    def _check_sizes(who, **sizes):
+        """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
+        size reverse the attack) or a count of steps that is not a whole number >= 1."""
+        import numbers
+        for name, value in sizes.items():
+            whole = name == "steps"
+            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
+                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
+            if not ok:
+                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
+                                 f"got {value!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
@@ -1334,6 +1401,7 @@ class PGD:
     """
 
     def __init__(self, model, eps: float = 0.2, alpha: float = 0.06, steps: int = 3, relative: bool = True):
+        self._check_sizes("PGD", eps=eps, alpha=alpha, steps=steps)
         self.owner = self._embedding_owner(model, "PGD")
         self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
@@ -1342,6 +1410,19 @@ class PGD:
         self.eps, self.alpha, self.steps = eps, alpha, steps
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = None
+
+    @staticmethod
+    def _check_sizes(who, **sizes):
+        """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
+        size reverse the attack) or a count of steps that is not a whole number >= 1."""
+        import numbers
+        for name, value in sizes.items():
+            whole = name == "steps"
+            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
+                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
+            if not ok:
+                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
+                                 f"got {value!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
@@ -1454,6 +1535,7 @@ class FreeLB:
 
     def __init__(self, model, steps: int = 3, lr: float = 0.1, init_mag: float = 0.1, max_norm: float = 0.0,
                  pad_token_id: int | None = None, relative: bool = True):
+        self._check_sizes("FreeLB", steps=steps, lr=lr, init_mag=init_mag, max_norm=max_norm)
         self.owner = self._embedding_owner(model, "FreeLB")
         self.embedding = self.owner.get_input_embeddings()
         with torch.no_grad():
@@ -1470,6 +1552,19 @@ class FreeLB:
         self.steps, self.lr, self.init_mag, self.max_norm = steps, lr, init_mag, max_norm
         self.skipped = torch.zeros((), dtype=torch.long)
         self._delta = self._mask = None
+
+    @staticmethod
+    def _check_sizes(who, **sizes):
+        """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
+        size reverse the attack) or a count of steps that is not a whole number >= 1."""
+        import numbers
+        for name, value in sizes.items():
+            whole = name == "steps"
+            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
+                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
+            if not ok:
+                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
+                                 f"got {value!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
@@ -1589,6 +1684,7 @@ class AWP:
                  objective: str = "sum"):
         if objective not in ("adversarial", "sum"):
             raise ValueError(f"AWP objective must be 'adversarial' or 'sum', got {objective!r}")
+        self._check_sizes("AWP", adv_lr=adv_lr, adv_eps=adv_eps)
         inner = getattr(model, "module", model)
         self.params = [p for n, p in inner.named_parameters() if p.requires_grad and param_filter in n]
         if not self.params:
@@ -1596,6 +1692,19 @@ class AWP:
         self.model, self._ddp = model, model if hasattr(model, "no_sync") else None
         self.adv_lr, self.adv_eps, self.objective = adv_lr, adv_eps, objective
         self.skipped = torch.zeros((), dtype=torch.long)
+
+    @staticmethod
+    def _check_sizes(who, **sizes):
+        """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
+        size reverse the attack) or a count of steps that is not a whole number >= 1."""
+        import numbers
+        for name, value in sizes.items():
+            whole = name == "steps"
+            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
+                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
+            if not ok:
+                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
+                                 f"got {value!r}")
 
     def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
@@ -1716,6 +1825,7 @@ class SiFT:
                  divergence: str = "symmetric-kl", logits_fn=None):
         if divergence not in self.DIVERGENCES:
             raise ValueError(f"SiFT divergence must be one of {', '.join(self.DIVERGENCES)}, got {divergence!r}")
+        self._check_sizes("SiFT", alpha=alpha, init=init, lr=lr)
         inner = getattr(model, "module", model)
         if module is None or module == "":
             found = [m for n, m in inner.named_modules() if n.endswith("embeddings.LayerNorm")]
@@ -1735,6 +1845,19 @@ class SiFT:
         self.skipped = torch.zeros((), dtype=torch.long)
         self.last_kl = torch.zeros(())
         self._clean = self._delta = None
+
+    @staticmethod
+    def _check_sizes(who, **sizes):
+        """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
+        size reverse the attack) or a count of steps that is not a whole number >= 1."""
+        import numbers
+        for name, value in sizes.items():
+            whole = name == "steps"
+            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
+                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
+            if not ok:
+                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
+                                 f"got {value!r}")
 
     def _no_sync(self):
         """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
@@ -1803,13 +1926,18 @@ class SiFT:
 
     @staticmethod
     def _mean(values, mask):
-        """The mean over the positions that count: all of them without a mask."""
+        """The mean over the positions that count: all of them without a mask. A mask is bool or 0/1 (labels
+        with -100 would weigh positions negatively and push the model the wrong way); checking a mask that is
+        not bool costs one host read per call."""
         if mask is None:
             return values.mean()
         mask = torch.as_tensor(mask, device=values.device)
         if mask.shape != values.shape:
             raise ValueError(f"SiFT mask has shape {tuple(mask.shape)}, but the divergence is per position of shape "
                              f"{tuple(values.shape)}: pass one of that shape (the attention mask, or labels != -100)")
+        if mask.dtype != torch.bool and not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("SiFT mask must be bool or 0/1, one per position that counts; found other values (labels "
+                             "with -100, or NaN?): pass labels != -100, or the attention mask")
         mask = mask.to(values.dtype)
         return (values * mask).sum() / mask.sum().clamp_min(1)
 
@@ -2380,24 +2508,60 @@ def _build_adversarial_trainer():
         The attack's passes go through Trainer's own machinery: the accelerator's GradScaler (fp16),
         its autocast, Trainer's normalisation for gradient accumulation, max_grad_norm and the
         optimizer step (both after the step's last backward), DDP through torchrun. attack=None is
-        plain Trainer; adv_start is the (fractional) epoch from which the attack runs. Works with
-        Hugging Face heads (outputs with .loss/.logits, which follow the head's problem_type;
-        compute_loss_func is honoured) and with advtrain.Classifier, whose loss is task.loss
-        (task=advtrain.Task(...): regression, multi-label, several targets), else transformers' own rule
-        for a head without problem_type: one output MSE, integer labels cross-entropy, float labels BCE."""
+        plain Trainer; adv_start is the (fractional) epoch from which the attack runs, or "warmup" (from
+        the end of the learning-rate warm-up). task=advtrain.Task(...) (or its kind: "regression",
+        "multilabel", ...) trains that task's loss on the model's logits, an advtrain.Classifier's or a
+        Hugging Face head's. Without a task, Hugging Face heads train their own loss (outputs with
+        .loss/.logits, following the head's problem_type; compute_loss_func is honoured) and an
+        advtrain.Classifier transformers' rule for a head without problem_type: one output MSE, integer
+        labels cross-entropy, float labels BCE. Arguments are checked here, not at the first step."""
 
-        def __init__(self, *args, attack=None, adv_start: float = 0.0, task=None, **kwargs):
+        def __init__(self, *args, attack=None, adv_start: float | str = 0.0, task=None, **kwargs):
             super().__init__(*args, **kwargs)
-            self.attack, self.adv_start, self.task = attack, adv_start, task
+            inner = getattr(self.model, "module", self.model)
+            if task is not None and not isinstance(task, Task):
+                outputs = inner.head.out_features if isinstance(inner, Classifier) else getattr(
+                    getattr(inner, "config", None), "num_labels", 1)
+                task = Task.of_kind(task, outputs)
+            if attack is not None and not callable(getattr(attack, "backward", None)):
+                raise ValueError(f"attack must be an advtrain attack (FGM, PGD, FreeLB, AWP, SiFT), got "
+                                 f"{type(attack).__name__}")
+            self.attack, self.adv_start, self.task = attack, self._start(adv_start), task
+            if task is not None:  # task.loss is a mean over the batch: Trainer divides it for accumulation
+                self.model_accepts_loss_kwargs = False
             if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
                 self.label_names = ["labels"]  # its forward takes no labels: keep the column anyway
             if attack is not None and self.args.n_gpu > 1:
                 raise ValueError("AdversarialTrainer runs one process per GPU: launch with torchrun, not "
                                  "DataParallel (set CUDA_VISIBLE_DEVICES to one GPU or use torchrun)")
 
+        @staticmethod
+        def _start(adv_start):
+            """adv_start as an epoch (a number, or a numeric text as Config writes it) or "warmup"."""
+            if adv_start == "warmup":
+                return adv_start
+            if adv_start == "auto":
+                raise ValueError("adv_start='auto' watches advtrain's own evaluations, which Trainer does not "
+                                 "make: give an epoch (0, 1, 0.5) or 'warmup'")
+            if isinstance(adv_start, bool) or not _is_number(adv_start, minimum=0):
+                raise ValueError(f"adv_start must be an epoch >= 0 (such as 1 or 0.5) or 'warmup', got {adv_start!r}")
+            return float(adv_start)
+
+        def _attacking(self) -> bool:
+            if self.attack is None:
+                return False
+            if self.adv_start == "warmup":
+                return self.state.global_step >= self.args.get_warmup_steps(self.state.max_steps)
+            return (self.state.epoch or 0.0) >= self.adv_start
+
         def _closures(self, model, inputs, num_items_in_batch):
             """(forward, loss_fn) for this batch, as the attacks take them."""
             inner = getattr(model, "module", model)
+            if self.task is not None and not isinstance(inner, Classifier):
+                labels = inputs["labels"]
+                features = {k: v for k, v in inputs.items() if k != "labels"}
+                return (lambda: model(**features),
+                        lambda out: self.task.loss(out["logits"] if isinstance(out, dict) else out.logits, labels))
             if isinstance(inner, Classifier):
                 labels = inputs["labels"]
                 features = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
@@ -2422,16 +2586,17 @@ def _build_adversarial_trainer():
             return F.binary_cross_entropy_with_logits(logits, labels)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not isinstance(getattr(model, "module", model), Classifier):
+            classifier = isinstance(getattr(model, "module", model), Classifier)
+            if not classifier and self.task is None:
                 return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                             num_items_in_batch=num_items_in_batch)
             forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
-            logits = forward()
-            loss = loss_fn(logits)
-            return (loss, {"logits": logits}) if return_outputs else loss
+            out = forward()
+            loss = loss_fn(out)
+            return (loss, {"logits": out} if classifier else out) if return_outputs else loss
 
         def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
-            if self.attack is None or (self.state.epoch or 0.0) < self.adv_start:
+            if not self._attacking():
                 return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
             if str(self.accelerator.distributed_type).endswith("DEEPSPEED"):
                 raise ValueError("advtrain attacks call backward themselves; DeepSpeed is not supported")
@@ -2439,8 +2604,8 @@ def _build_adversarial_trainer():
             if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
                 self.optimizer.train()
             inputs = self._prepare_inputs(inputs)
-            scaled_already = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) \
-                or self.compute_loss_func is not None
+            scaled_already = self.task is None and ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                                                    or self.compute_loss_func is not None)
             accumulation = 1 if scaled_already else getattr(self, "current_gradient_accumulation_steps",
                                                             self.args.gradient_accumulation_steps)
             accumulation *= self.accelerator.gradient_accumulation_steps  # 1 where Trainer divides itself
@@ -2481,18 +2646,19 @@ def read_submission(path: Path) -> pd.DataFrame:
 
 
 def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission", task: Task | None = None,
-                     columns=None) -> None:
-    """Raise UserError unless sub has exactly `columns` (the id column, then the task's value columns,
-    default id,target), each test id once (Kaggle matches rows by id, so any order; ids compared as
+                     columns=None, id_col: str | None = None) -> None:
+    """Raise UserError unless sub has exactly `columns` (default id,target; the id column is id_col, by
+    default the first), each test id once (Kaggle matches rows by id, so any order; ids compared as
     text, as in the competition files), and every value as the task writes it: a label of train, a
     probability, or a number. task None with columns given: only the columns and the ids are checked."""
     if columns is None:
         task = task or DISASTER_TWEETS
         columns = ["id", *task.value_columns()]
     columns = list(columns)
+    id_col = id_col or columns[0]
     if list(sub.columns) != columns:
         raise UserError(f"{name}: columns must be {','.join(columns)}, found {','.join(map(str, sub.columns))}.")
-    ids, expected = sub[columns[0]].astype(str), pd.Index(np.asarray(expected_ids).astype(str))
+    ids, expected = sub[id_col].astype(str), pd.Index(np.asarray(expected_ids).astype(str))
     if len(sub) != len(expected):
         raise UserError(f"{name}: {len(sub)} rows, but the test set has {len(expected)}.")
     dup = ids[ids.duplicated()]
@@ -2502,7 +2668,7 @@ def check_submission(sub: pd.DataFrame, expected_ids, name: str = "submission", 
     if len(unknown):
         raise UserError(f"{name}: {len(unknown)} id(s) are not in the test set, e.g. {unknown.iloc[0]!r} "
                         "(ids must be written exactly as in test.csv).")
-    for column in columns[1:]:
+    for column in [c for c in columns if c != id_col]:
         values = sub[column].astype(str)
         empty = values.str.strip() == ""
         why = task.check_values(column, values) if task is not None else (
@@ -2529,12 +2695,12 @@ def atomic_write(path: Path, write) -> None:
 
 
 def write_submission(path: Path, task: Task, ids, pred: np.ndarray, id_header: str, columns: dict,
-                     threshold: float = 0.5) -> pd.DataFrame:
+                     threshold: float = 0.5, layout=None) -> pd.DataFrame:
     """The submission for predictions `pred` (rows in the order of ids), checked, then written atomically."""
-    sub = task.submission(ids, pred, id_header, columns, threshold)
+    sub = task.submission(ids, pred, id_header, columns, threshold, layout)
     text = sub.to_csv(index=False)
     check_submission(pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False), ids, str(path), task,
-                     sub.columns)
+                     sub.columns, id_header)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
     return sub
 
@@ -2552,8 +2718,8 @@ def check_submission_file(cfg: Config, path: Path) -> str:
     if train is not None and all(c in train.columns for c in cfg.text_cols + cfg.target_cols):
         task = Task.infer(train, cfg.target_cols, cfg.task, cfg.metric, str(train_path))
         side = test_side(cfg, task, tables, where)
-        columns = [side["id_header"], *side["columns"].values()]
-        check_submission(sub, side["order"], str(path), task, columns)
+        columns = side["layout"] or [side["id_header"], *side["columns"].values()]
+        check_submission(sub, side["order"], str(path), task, columns, side["id_header"])
         values = "labels" if task.writes_labels else "values" if task.kind == "regression" else "probabilities"
         return (f"{path}: OK ({len(sub)} rows, each test id once, columns {','.join(columns)}, {task.kind} {values} "
                 f"for {task.metric})")
@@ -2614,48 +2780,24 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path
     return out
 
 
-def _alive(pid: int) -> bool:
-    """Whether process pid may be an advtrain run: alive, and (where /proc tells) a Python process."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().lower()
-        if not cmdline:  # a process being started (mid-exec) or a zombie: only the zombie is dead
-            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] != "Z"
-        return b"python" in cmdline
-    except OSError:
-        return True
-
-
 @contextlib.contextmanager
 def output_lock(out: Path):
-    """Hold output_dir/.advtrain.lock for the duration of a run; a lock left by a dead process is taken over."""
+    """Hold output_dir/.advtrain.lock for the duration of a run, so that two runs never write one folder. An
+    OS lock (filelock: flock on Unix), which the system releases when the process ends, however it ends: a
+    crashed or killed run leaves no lock behind (the empty file stays; it locks nothing by itself)."""
+    from filelock import FileLock, Timeout
+
     out.mkdir(parents=True, exist_ok=True)
-    lock = out / LOCK
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            text = lock.read_text().strip() if lock.is_file() else ""
-            pid = int(text) if text.isdigit() else 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise UserError(f"{out} is being written by another advtrain run (process {pid}): wait for it to "
-                                f"finish, or choose another --output-dir; if no advtrain run is writing there, delete "
-                                f"{lock}.") from None
-            lock.unlink(missing_ok=True)
-    else:
-        raise UserError(f"Could not take the lock {lock}: remove it if no advtrain run is writing into {out}.")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+    lock = FileLock(str(out / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"{out} is being written by another advtrain run: wait for it to finish, or choose another "
+                        "--output-dir.") from None
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.release()
 
 
 def _remove(path: Path) -> None:
@@ -3096,9 +3238,9 @@ def summarize_run(cfg: Config, data: dict, folds, results, parts, device, amp_dt
     bests = [r["best"] for r in results]
     reported = [k for k in bests[0] if k not in ("epoch", "step", "attack_seen")]
     return {
-        "config": dataclasses.asdict(cfg),
+        "config": dict(dataclasses.asdict(cfg), competition=competition_of(cfg, data["dir"])),
         "task": dataclasses.asdict(task),
-        "submission": {"id": data["id_header"], "columns": data["columns"]},
+        "submission": {"id": data["id_header"], "columns": data["columns"], "layout": data["layout"]},
         "evaluations": [dict(row, fold=k) for k, r in enumerate(results) for row in r["history"]],
         "selected": [dict(b, fold=k) for k, b in enumerate(bests)],
         "valid_best": {m: float(np.mean([b[m] for b in bests])) for m in reported},
@@ -3130,7 +3272,7 @@ def write_test_outputs(out: Path, task: Task, side: dict, test_pred: np.ndarray,
     position = pd.Series(np.arange(len(side["test"])), index=side["test"][side["id_col"]].to_numpy())
     pred = test_pred[position.loc[side["order"]].to_numpy()]
     sub = write_submission(out / "submission.csv", task, side["order"], pred, side["id_header"], side["columns"],
-                           threshold)
+                           threshold, side["layout"])
     probs = task.table(pred)
     probs.insert(0, "id", side["order"])
     atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
@@ -3168,19 +3310,97 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spm.model", "vocab.json", "se
                    "tokenizer.model")
 
 
-def load_saved_model(folder: Path):
-    """(classifier, tokenizer, advtrain.json) of a model folder written by save_model; local files only."""
-    from safetensors.torch import load_model as load_weights
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
+
+def _bad_record(path: Path, what: str) -> UserError:
+    return UserError(f"{path} is not a run record of this advtrain ({what}): copy the folder its training run wrote, "
+                     "whole, or delete it to train it again.")
+
+
+def read_run_record(folder: Path) -> dict:
+    """A run folder's metrics.json, checked for everything compare, predict and blend read from it: the
+    settings (one the run did not record counts as its default), the task, the submission layout and the
+    score with its threshold. What is wrong is one sentence naming the file and the key."""
+    path = Path(folder).expanduser() / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{path.parent} is not a run folder (no metrics.json): pass the --output-dir of a training "
+                        "run.")
     try:
-        info = json.loads((folder / "advtrain.json").read_text())
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _bad_record(path, f"not readable JSON: {type(e).__name__}") from None
+    if not isinstance(m, dict):
+        raise _bad_record(path, "not a JSON object")
+    for key in ("config", "task", "score", "submission"):
+        if not isinstance(m.get(key), dict):
+            raise _bad_record(path, f"{key} is {'missing' if m.get(key) is None else 'not an object'}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    m["config"] = config = {**defaults, **{k: v for k, v in m["config"].items() if k in defaults}}
+    for f in dataclasses.fields(Config):
+        kind, value = _field_type(f), config[f.name]
+        if f.name in ("text_cols", "target_cols"):
+            fine = isinstance(value, (str, list)) and bool(value)
+        elif kind is float:
+            fine = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            fine = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not fine:
+            raise _bad_record(path, f"config.{f.name} is {value!r}, not a {kind.__name__}")
+    try:
+        Config(**config)  # every setting in its range
+    except UserError as e:
+        raise _bad_record(path, f"config: {str(e).rstrip('.')}") from None
+    for name in ("text_cols", "target_cols"):
+        config[name] = _columns(config[name], name)
+    task = m["task"]
+    if task.get("kind") not in TASKS[1:] or task.get("metric") not in METRICS or not isinstance(
+            task.get("target_cols"), list) or not isinstance(task.get("classes", []), list):
+        raise _bad_record(path, "its task is not one advtrain trains")
+    score = m["score"]
+    if not (_is_real(score.get("value")) or score.get("value") is None) or score.get("metric") != task["metric"]:
+        raise _bad_record(path, f"score.value is {score.get('value')!r} for metric {score.get('metric')!r}")
+    if not (_is_real(score.get("threshold")) and 0 <= score["threshold"] <= 1):
+        raise _bad_record(path, f"score.threshold is {score.get('threshold')!r}, not a probability")
+    if not isinstance(m["submission"].get("id"), str) or not isinstance(m["submission"].get("columns"), dict):
+        raise _bad_record(path, "submission lacks its id or columns")
+    return m
+
+
+# What a model folder's advtrain.json holds, and the rule each value follows.
+MODEL_INFO = {"num_labels": ("a whole number of outputs, 1 or more", lambda v: isinstance(v, int) and v >= 1),
+              "pooling": ("cls or mean", lambda v: v in ("cls", "mean")),
+              "dropout": ("a probability", lambda v: _is_real(v) and 0 <= v < 1),
+              "max_len": ("a token limit of at least 4", lambda v: isinstance(v, int) and v >= 4)}
+
+
+def read_model_info(folder: Path) -> dict:
+    """A model folder's advtrain.json, checked: the format this advtrain reads, and each value of MODEL_INFO."""
+    path = folder / "advtrain.json"
+    try:
+        info = json.loads(path.read_text())
     except (OSError, ValueError):
         raise UserError(f"{folder} is not a model folder of advtrain (no readable advtrain.json): pass the run "
                         "folders a training run wrote with --save-model.") from None
+    if not isinstance(info, dict):
+        raise UserError(f"{path} is not a JSON object: copy the run's own model folder again.")
     if info.get("format") != RUN_FORMAT:
         raise UserError(f"{folder} was saved by advtrain {info.get('advtrain', '?')} in format {info.get('format')}, "
                         f"this advtrain {__version__} reads format {RUN_FORMAT}: predict with the version that "
                         "trained it, or train again.")
+    for name, (rule, ok) in MODEL_INFO.items():
+        if not ok(info.get(name)):
+            raise UserError(f"{path}: {name} is {info.get(name, 'missing')!r}, not {rule}: the model folder is "
+                            "damaged; copy the run's own folder again.")
+    return info
+
+
+def load_saved_model(folder: Path):
+    """(classifier, tokenizer, advtrain.json) of a model folder written by save_model; local files only."""
+    from safetensors.torch import load_model as load_weights
+
+    info = read_model_info(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise UserError(f"{folder} lacks its tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): copy the "
                         "whole model folder the training run wrote.")
@@ -3199,15 +3419,9 @@ def saved_run(folder: Path) -> dict:
     """What a run folder holds for prediction: its metrics.json (settings, task, submission layout,
     threshold) and its model folders (one per fold)."""
     folder = Path(folder).expanduser()
-    try:
-        metrics = json.loads((folder / "metrics.json").read_text())
-        task = Task(**metrics["task"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UserError(f"{folder} is not a run folder of this advtrain version (no metrics.json with a task): pass "
-                        "the --output-dir of a training run.") from None
-    config = metrics.get("config", {})
-    names = ([f"model_fold{k}" for k in range(config.get("n_folds", 0))] if config.get("split") == "kfold"
-             else ["model"])
+    metrics = read_run_record(folder)
+    task, config = Task(**metrics["task"]), metrics["config"]
+    names = [f"model_fold{k}" for k in range(config["n_folds"])] if config["split"] == "kfold" else ["model"]
     models = [folder / n for n in names if (folder / n).is_dir()]
     if not models:
         old = " (it holds model.pt, the bare weights of an older advtrain)" if (folder / "model.pt").exists() else ""
@@ -3496,8 +3710,8 @@ def grid_settings(grid, method: str) -> list[dict]:
 def result_row(path: Path) -> tuple[dict, dict]:
     """One row of the comparison from a run's metrics.json, and the whole metrics.json. `seconds` is
     the run's wall time, `fork_seconds` what it did not spend because it started from its baseline's state."""
+    m = read_run_record(path.parent)
     try:
-        m = json.loads(path.read_text())
         score, select = m["score"], m["config"]["select_metric"] or m["score"]["metric"]
         forks = [f for f in m.get("fork") or [] if f]
         return {"method": m["config"]["method"], "seed": m["config"]["seed"], "metric": score["metric"],
@@ -3507,14 +3721,13 @@ def result_row(path: Path) -> tuple[dict, dict]:
                 "attack_skips": m["attack_skips"], "seconds": m.get("seconds_total", m["train_seconds"]),
                 "fork_seconds": sum(f["train_seconds"] + f["eval_seconds"] for f in forks),
                 "run": path.parent.name}, m
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a metrics.json of this advtrain version ({type(e).__name__}: {e}): delete "
-                        "that run folder to run it again.") from None
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _bad_record(path, f"{type(e).__name__}: {e}") from None
 
 
 def _run_task(root: Path, run_name: str) -> tuple[Task, dict]:
     """The task and submission layout a finished run recorded in its metrics.json."""
-    m = json.loads((Path(root) / run_name / "metrics.json").read_text())
+    m = read_run_record(Path(root) / run_name)
     return Task(**m["task"]), m
 
 
@@ -3676,7 +3889,7 @@ def plot_results(root: Path, results: pd.DataFrame, keys=(), promoted=()) -> lis
     fig = _figure()
     ax = fig.add_subplot()
     for method, setting in order:
-        runs = [json.loads((root / run / "metrics.json").read_text()) for run in _of(results, method, setting)["run"]]
+        runs = [read_run_record(root / run) for run in _of(results, method, setting)["run"]]
         select = runs[0]["config"]["select_metric"] or metric
         width = min(len(r["evaluations"]) for r in runs)
         curves = np.array([[e[f"valid_{select}"] for e in r["evaluations"][:width]] for r in runs], dtype=float)
@@ -3727,19 +3940,19 @@ def plot_grid(path: Path, results: pd.DataFrame, keys, promoted=()) -> Path:
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         position = {v: (v if numeric else j) for j, v in enumerate(values)}
         flat, marked = 0, False
-        for method, setting in variants(results, [k for k in keys if k != key]):
+        for n, (method, setting) in enumerate(variants(results, [k for k in keys if k != key])):
             rows = _of(results, method, setting)
-            label = _label(method, setting)
+            label, color = _label(method, setting), f"C{n % 10}"
             if not touches(key, method):
                 mean, std = rows["score"].mean(), rows["score"].std()
-                line = ax.axhline(mean, dashes=dashes[flat % len(dashes)], label=label)
-                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.1)
+                ax.axhline(mean, dashes=dashes[flat % len(dashes)], color=color, label=label)
+                ax.axhspan(mean - std, mean + std, color=color, alpha=0.1)
                 flat += 1
                 continue
             stats = rows.groupby(key, sort=False)["score"].agg(["mean", "std"])
             stats = stats.loc[[v for v in values if v in stats.index]]
             ax.errorbar([position[v] for v in stats.index], stats["mean"], yerr=stats["std"].fillna(0), marker="o",
-                        capsize=3, label=label)
+                        capsize=3, color=color, label=label)
             for v in stats.index:
                 full = {**setting, key: v}
                 if any(p[0] == method and all(full.get(k) == x for k, x in p[1:]) for p in promoted):
@@ -3767,9 +3980,10 @@ def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
               .set_index("id") for r in runs]
     order = tables[0].index
     preds = [task.from_table(t.loc[order]) for t in tables]
-    cuts = [json.loads((Path(root) / r / "metrics.json").read_text())["score"]["threshold"] for r in runs]
+    cuts = [read_run_record(Path(root) / r)["score"]["threshold"] for r in runs]
     mean, cut = np.mean(preds, axis=0), float(np.mean(cuts))
-    write_submission(path, task, order.to_numpy(), mean, m["submission"]["id"], m["submission"]["columns"], cut)
+    write_submission(path, task, order.to_numpy(), mean, m["submission"]["id"], m["submission"]["columns"], cut,
+                     m["submission"].get("layout"))
     pairs = [(i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))]
     if task.writes_labels:
         labels = [task.labels(p, c) for p, c in zip(preds, cuts)]
@@ -4431,10 +4645,10 @@ def main(argv=None) -> int:
                     [m for m in split_names(args.ensemble) if m] or None, grid=parse_grids(args.grid), search=search,
                     budget=-1 if args.no_train else args.budget)
         elif args.command == "predict":
-            weights = [w for w in args.weights.split(",") if w]
+            weights = [w for w in split_names(args.weights) if w]
             if not all(_is_number(w, minimum=0) for w in weights):
                 raise UserError(f"--weights takes comma-separated non-negative numbers, got {args.weights!r}.")
-            predict([r for r in args.runs.split(",") if r], args.data_dir, args.output_dir, weights or None,
+            predict([r for r in split_names(args.runs) if r], args.data_dir, args.output_dir, weights or None,
                     args.batch_size, args.device, args.amp, args.overwrite, args.progress)
         elif args.command == "check-submission":
             path = Path(args.file).expanduser()

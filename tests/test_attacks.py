@@ -523,11 +523,12 @@ def test_each_attack_class_runs_pasted_alone_with_only_torch(method, tiny):
 def test_helpers_repeated_in_the_attack_classes_are_the_same_text():
     classes = [advtrain.Baseline, *ATTACKS.values()]
     for helper in ("_no_sync", "_scaled", "_norm", "_embedding_owner", "_refuse_reentrant_checkpointing",
-                   "_count_skip"):
+                   "_count_skip", "_check_sizes"):
         texts = {inspect.getsource(vars(c)[helper] if not isinstance(vars(c)[helper], staticmethod)
                                    else vars(c)[helper].__func__) for c in classes if helper in vars(c)}
         assert len(texts) == 1, helper
     assert sum("_scaled" in vars(c) for c in classes) == len(classes)
+    assert all("_check_sizes" in vars(c) for c in ATTACKS.values())
 
 
 # --- when the attack runs ------------------------------------------------------------------------

@@ -167,7 +167,7 @@ def test_compare_names_a_broken_metrics_json(data_dir, model_dirs, tmp_path, cap
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 0
     (out / "fgm-seed1" / "metrics.json").write_text('{"config": ')
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out)) == 2
-    assert "fgm-seed1/metrics.json is not a metrics.json of this advtrain version" in capsys.readouterr().err
+    assert "fgm-seed1/metrics.json is not a run record of this advtrain (not readable JSON" in capsys.readouterr().err
 
 
 def test_grid_flags_are_typed_config_fields_and_touch_only_their_methods():

@@ -161,33 +161,6 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
 
 # 8. messages that say what is true
 
-def started(proc):
-    """proc once it runs its own program (a process mid-exec shows an empty command line, read as alive)."""
-    deadline = time.monotonic() + 10
-    while not open(f"/proc/{proc.pid}/cmdline", "rb").read() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return proc
-
-
-def test_a_lock_of_a_live_process_that_is_not_python_is_taken_over(data_dir, model_dirs, tmp_path):
-    out = tmp_path / "locked"
-    out.mkdir()
-    other = started(subprocess.Popen(["sleep", "30"]))
-    try:
-        (out / advtrain.LOCK).write_text(str(other.pid))
-        advtrain.run(tiny(data_dir, model_dirs, out))
-        assert (out / "submission.csv").is_file()
-        python = started(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]))
-        try:
-            (out / advtrain.LOCK).write_text(str(python.pid))
-            with pytest.raises(advtrain.UserError, match=f"delete {out / advtrain.LOCK}"):
-                advtrain.run(tiny(data_dir, model_dirs, out, overwrite=True))
-        finally:
-            python.kill()
-    finally:
-        other.kill()
-
-
 def test_compare_resume_runs_a_seed_that_never_started(data_dir, model_dirs, tmp_path, monkeypatch):
     seen, real = [], advtrain.run
     monkeypatch.setattr(advtrain, "run",

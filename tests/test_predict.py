@@ -84,7 +84,7 @@ def test_runs_of_another_task_and_foreign_folders_are_refused_in_one_sentence(ru
     (old / "metrics.json").write_text(json.dumps({"config": {}, "score": {}}))
     (old / "model.pt").write_bytes(b"weights")
     assert advtrain.main(["predict", "--runs", str(old), *flags]) == 2
-    assert "is not a run folder of this advtrain version" in capsys.readouterr().err
+    assert "is not a run record of this advtrain (task is missing)" in capsys.readouterr().err
     future = tmp_path / "future"
     shutil.copytree(runs["holdout"], future)
     info = json.loads((future / "model" / "advtrain.json").read_text())

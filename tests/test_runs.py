@@ -26,7 +26,6 @@ def test_a_failed_run_blocks_nothing_and_its_log_holds_the_error(data_dir, model
     monkeypatch.undo()
     advtrain.run(tiny_run(data_dir, model_dirs, out))  # no --overwrite needed
     assert (out / "metrics.json").is_file() and not (out / advtrain.STAGE).exists()
-    assert not (out / advtrain.LOCK).exists()
 
 
 def test_overwrite_replaces_only_after_success(data_dir, model_dirs, tmp_path, monkeypatch):
@@ -47,19 +46,30 @@ def test_overwrite_replaces_only_after_success(data_dir, model_dirs, tmp_path, m
     assert (out / "train.log").read_text().count("advtrain 0.") == 1
 
 
-def test_one_writer_per_output_folder(data_dir, model_dirs, tmp_path):
+def hold_lock(path):
+    """Another Python process that holds the OS lock on path until killed."""
+    code = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
+            "print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_one_writer_per_output_folder_and_a_dead_writer_blocks_nothing(data_dir, model_dirs, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = hold_lock(out / advtrain.LOCK)
     try:
-        (out / advtrain.LOCK).write_text(str(other.pid))  # a live Python process holds it
         with pytest.raises(advtrain.UserError, match="being written by another advtrain run"):
             advtrain.run(tiny_run(data_dir, model_dirs, out))
     finally:
-        other.kill()
-    (out / advtrain.LOCK).write_text("999999999")  # a dead one: taken over
+        holder.kill()  # SIGKILL: no clean-up of its own, the OS releases the lock
+        holder.wait()
+    assert (out / advtrain.LOCK).exists()  # the file stays, and locks nothing
     advtrain.run(tiny_run(data_dir, model_dirs, out))
     assert (out / "metrics.json").is_file()
+    (out / advtrain.LOCK).write_text("4242")  # the PID file of an earlier advtrain: no lock either
+    advtrain.run(tiny_run(data_dir, model_dirs, out, overwrite=True))
 
 
 @pytest.mark.parametrize("split", ["holdout", "kfold"])

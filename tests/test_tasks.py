@@ -434,7 +434,8 @@ def test_an_ensemble_of_regression_runs_averages_their_values(tmp_path):
         run = tmp_path / name
         run.mkdir()
         (run / "metrics.json").write_text(json.dumps({
-            "task": advtrain.dataclasses.asdict(task), "score": {"threshold": 0.5},
+            "task": advtrain.dataclasses.asdict(task), "config": {},
+            "score": {"threshold": 0.5, "value": 0.3, "metric": "mcrmse"},
             "submission": {"id": "student_id", "columns": {"content": "content", "wording": "wording"}}}))
         pd.DataFrame({"id": ["s1", "s2"], "content": [0.1 + shift, 0.2 + shift],
                       "wording": [-0.1 + shift, 0.3 + shift]}).to_csv(run / "test_probs.csv", index=False)

@@ -2519,10 +2519,13 @@ def _build_adversarial_trainer():
         def __init__(self, *args, attack=None, adv_start: float | str = 0.0, task=None, **kwargs):
             super().__init__(*args, **kwargs)
             inner = getattr(self.model, "module", self.model)
+            outputs = inner.head.out_features if isinstance(inner, Classifier) else getattr(
+                getattr(inner, "config", None), "num_labels", None)
             if task is not None and not isinstance(task, Task):
-                outputs = inner.head.out_features if isinstance(inner, Classifier) else getattr(
-                    getattr(inner, "config", None), "num_labels", 1)
-                task = Task.of_kind(task, outputs)
+                task = Task.of_kind(task, outputs or 1)
+            if task is not None and outputs and task.num_outputs != outputs:
+                raise ValueError(f"task {task.kind} with {task.num_outputs} output(s) does not fit the model's "
+                                 f"{outputs}: build the model with num_labels={task.num_outputs}")
             if attack is not None and not callable(getattr(attack, "backward", None)):
                 raise ValueError(f"attack must be an advtrain attack (FGM, PGD, FreeLB, AWP, SiFT), got "
                                  f"{type(attack).__name__}")

@@ -324,3 +324,11 @@ def test_a_run_records_no_competition_it_cannot_tell(saved, tmp_path):
     assert advtrain.competition_of(cfg, tmp_path / "spooky-author-identification") == ""
     assert advtrain.competition_of(advtrain.Config(output_dir="x", competition="nlp-getting-started"), tmp_path) == \
         "nlp-getting-started"
+
+
+def test_a_task_that_does_not_fit_the_models_outputs_is_refused_when_built(model_dirs, tmp_path):
+    model = advtrain.Classifier.from_pretrained(str(model_dirs["bert"]), num_labels=2)
+    with pytest.raises(ValueError, match="task regression with 1 output.s. does not fit the model's 2: build the "
+                                         "model with num_labels=1"):
+        advtrain.AdversarialTrainer(model=model, args=trainer_args(tmp_path), task=advtrain.Task(
+            "regression", ["score"], "rmse"))

@@ -11,7 +11,7 @@ DATA   := $(if $(filter nlp-getting-started,$(COMPETITION)),data,data/$(COMPETIT
 # Without an NVIDIA driver, pin the CPU build of torch (a plain `pip install torch` pulls several GB of CUDA).
 CONSTRAINTS ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints-ci.txt)
 
-.PHONY: help setup demo test test-all lint train predict bench compare notebooks data push status output submit submissions
+.PHONY: help setup demo test test-all lint train predict blend bench compare notebooks data push status output submit submissions
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -41,6 +41,9 @@ train: setup  ## make train METHOD=awp ARGS="--epochs 3" [COMPETITION=slug] -> s
 
 predict: setup  ## make predict RUNS=submissions/awp,submissions/fgm -> submissions/predict/ (offline, saved runs)
 	$(BIN)/python advtrain.py predict --runs $(RUNS) --data-dir $(DATA) --output-dir submissions/predict --overwrite $(ARGS)
+
+blend: setup  ## make blend RUNS=submissions/a,submissions/b -> submissions/blend/ (weights fitted on validation)
+	$(BIN)/python advtrain.py blend --runs $(RUNS) --output-dir submissions/blend --overwrite $(ARGS)
 
 bench: setup  ## speed table of every method and of the article's setup -> submissions/bench/
 	$(BIN)/python tools/bench.py $(ARGS)

@@ -3550,6 +3550,194 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
 
 
 # ---------------------------------------------------------------------------------------------
+# Blend: runs of one split, weighted on validation, scored on rows no member and no weight saw
+# ---------------------------------------------------------------------------------------------
+
+
+def read_run_table(folder: Path, name: str, columns) -> pd.DataFrame:
+    """oof.csv or test_probs.csv of a run folder (every cell as text), checked for the columns it must hold."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a run folder for blend holds metrics.json, oof.csv and test_probs.csv "
+                        "(README, 'Blend'); copy the whole folder.")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: its columns are {', '.join(table.columns)}.")
+    return table
+
+
+def _predictions(task: Task, table: pd.DataFrame, names, where: str) -> np.ndarray:
+    """The prediction matrix of a table's output columns (names: as the table calls them), checked finite."""
+    values = table[list(names)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    if not np.isfinite(values).all():
+        row = int(np.flatnonzero(~np.isfinite(values).all(1))[0])
+        raise UserError(f"{where}: row {row + 1} holds a prediction that is not a number.")
+    return task.from_table(pd.DataFrame(values, columns=task.output_names))
+
+
+def blend_member(folder: Path) -> dict:
+    """What blend reads of a run folder: its record (read_run_record), its validation and holdout rows
+    (oof.csv: ids, targets and predictions, by split) and its test predictions (test_probs.csv)."""
+    folder = Path(folder).expanduser()
+    record = read_run_record(folder)
+    task = Task(**record["task"])
+    given = ["id", *task.target_cols]
+    shown = [n if n not in given else f"pred_{n}" for n in task.output_names]  # as write_outputs names them
+    oof = read_run_table(folder, "oof.csv", given + shown + ["split"])
+    test = read_run_table(folder, "test_probs.csv", ["id", *task.output_names])
+    for name, table in (("oof.csv", oof), ("test_probs.csv", test)):
+        keys = table[["split", "id"]] if name == "oof.csv" else table["id"]
+        if keys.duplicated().any():
+            raise UserError(f"{folder / name} lists a row twice: copy the run's own file again.")
+    return {"dir": folder, "record": record, "task": task, "oof": oof.set_index(["split", "id"]),
+            "oof_pred": _predictions(task, oof, shown, str(folder / "oof.csv")), "test": test["id"],
+            "test_pred": _predictions(task, test, task.output_names, str(folder / "test_probs.csv"))}
+
+
+def _check_members(members: list[dict]) -> None:
+    """Refuse, in one sentence, members that cannot be blended: another task, other data, another split
+    (rows scored or fitted on that are not the same rows), or other test ids."""
+    first = members[0]
+    for other in members[1:]:
+        for name in ("kind", "target_cols", "classes", "metric"):
+            a, b = getattr(first["task"], name), getattr(other["task"], name)
+            if a != b:
+                raise UserError(f"{other['dir']} was trained for another {name.replace('_', ' ')} ({b}) than "
+                                f"{first['dir']} ({a}): blend only runs of one task.")
+        mine, theirs = first["record"].get("inputs") or {}, other["record"].get("inputs") or {}
+        if mine.get("train") and theirs.get("train") and mine["train"] != theirs["train"]:
+            raise UserError(f"{other['dir']} was trained on another train file than {first['dir']}: blend runs of "
+                            "one competition's data.")
+        for split in ("valid", "holdout"):
+            a, b = set(first["oof"].loc[split].index) if split in first["oof"].index else set(), \
+                set(other["oof"].loc[split].index) if split in other["oof"].index else set()
+            if a != b:
+                raise UserError(f"{other['dir']} and {first['dir']} have other {split} rows ({len(a ^ b)} differ): "
+                                "blend runs of one split (train them with one --split-seed).")
+        if set(first["test"]) != set(other["test"]):
+            raise UserError(f"{other['dir']} predicted other test ids than {first['dir']}: blend runs of one test "
+                            "file.")
+
+
+def fit_loss(task: Task) -> str:
+    """The loss a blend's weights are fitted with: the competition metric where it is smooth (log loss,
+    RMSE, MCRMSE), else the smooth loss of the task (log loss of the probabilities for a threshold or rank
+    metric such as F1, accuracy or AUC; squared error for pearson or qwk on values)."""
+    if task.metric in ("logloss", "rmse", "mcrmse"):
+        return task.metric
+    return "rmse" if task.kind == "regression" else "logloss"
+
+
+def fit_weights(task: Task, y: np.ndarray, preds) -> np.ndarray:
+    """Non-negative weights summing to 1 that minimise fit_loss(task) of the weighted average of preds (each
+    rows x outputs) against y: SLSQP from equal weights (the losses are convex in the weights)."""
+    from scipy.optimize import minimize
+
+    stack, name = np.stack([np.asarray(p, dtype=np.float64) for p in preds]), fit_loss(task)
+    if len(stack) == 1:
+        return np.ones(1)
+
+    def loss(w):
+        mixed = np.tensordot(w, stack, 1)
+        return float(((mixed - y.reshape(mixed.shape)) ** 2).mean()) if name == "rmse" else \
+            metric_value(name, task, y, mixed)
+
+    k = len(stack)
+    found = minimize(loss, np.full(k, 1 / k), method="SLSQP", bounds=[(0.0, 1.0)] * k,
+                     constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1}],
+                     options={"ftol": 1e-12, "maxiter": 500})
+    w = np.clip(found.x, 0, None)
+    return w / w.sum()
+
+
+def _cross_fitted(task: Task, y: np.ndarray, preds, parts: int = 5) -> np.ndarray:
+    """The blend of out-of-fold predictions (k-fold members have no holdout): the rows cut into `parts`, each
+    predicted with weights fitted on the other parts, so that no row is scored by weights fitted on it."""
+    order = np.random.default_rng(0).permutation(len(y))
+    mixed = np.zeros_like(np.asarray(preds[0], dtype=np.float64))
+    for rows in np.array_split(order, parts):
+        rest = np.setdiff1d(order, rows)
+        w = fit_weights(task, y[rest], [p[rest] for p in preds])
+        mixed[rows] = np.tensordot(w, np.stack([p[rows] for p in preds]), 1)
+    return mixed
+
+
+def blend(runs, output_dir: str = "submissions/blend", overwrite: bool = False) -> dict:
+    """Blend run folders of one task and one split: fit non-negative weights summing to 1 on the members'
+    validation predictions (fit_loss), score every member, their equal-weight average and the fitted blend
+    on the holdout (rows no member trained on and no weight was fitted on; for k-fold members, whose every
+    row is out-of-fold, the blend is cross-fitted), and write submission.csv and test_probs.csv (the sample's
+    layout, from the members' test predictions) and blend.json (weights and scores). A member is any folder
+    with metrics.json, oof.csv and test_probs.csv in the kit's layout: a training run, or
+    tools/reference_scores.py --write-run. Returns blend.json's content."""
+    runs = [runs] if isinstance(runs, (str, Path)) else list(runs)
+    if len(runs) < 2:
+        raise UserError(f"blend needs two run folders or more (--runs A,B), got {len(runs)}.")
+    members = [blend_member(Path(r)) for r in runs]
+    _check_members(members)
+    out = prepare_output_dir(output_dir, overwrite)
+    if out.is_dir() and any((out / n).exists() for n in ("metrics.json", "oof.csv", "model", "model_fold0", STAGE)):
+        raise UserError(f"{out} holds a training run: write the blend into another --output-dir, so that one folder "
+                        "never mixes two runs.")
+    first, task = members[0], members[0]["task"]
+    names = [m["dir"].name for m in members]
+    names = names if len(set(names)) == len(names) else [str(m["dir"]) for m in members]
+    kfold = "holdout" not in first["oof"].index.get_level_values("split")
+
+    def rows(member, split):
+        index = first["oof"].loc[split].index
+        position = pd.Series(np.arange(len(member["oof"])), index=member["oof"].index)
+        return member["oof_pred"][position.loc[[(split, i) for i in index]].to_numpy()]
+
+    truth = first["oof"].loc["valid"].reset_index()
+    y_valid = task.encode(truth)
+    valid = [rows(m, "valid") for m in members]
+    weights = fit_weights(task, y_valid, valid)
+    thresholds = np.array([m["record"]["score"]["threshold"] for m in members])
+    cut = {"equal": float(thresholds.mean()), "blend": float(weights @ thresholds)}
+    if kfold:
+        scored_on, y = "out-of-fold (weights cross-fitted over 5 parts)", y_valid
+        scored, mixed = valid, _cross_fitted(task, y_valid, valid)
+    else:
+        scored_on = "holdout"
+        y = task.encode(first["oof"].loc["holdout"].reset_index())
+        scored = [rows(m, "holdout") for m in members]
+        mixed = np.tensordot(weights, np.stack(scored), 1)
+    scores = {name: metric_value(task.metric, task, y, p, t) for name, p, t in zip(names, scored, thresholds)}
+    scores["equal"] = metric_value(task.metric, task, y, np.mean(scored, axis=0), cut["equal"])
+    scores["blend"] = metric_value(task.metric, task, y, mixed, cut["blend"])
+    order = first["test"].to_numpy()
+    tests = []
+    for m in members:
+        position = pd.Series(np.arange(len(m["test"])), index=m["test"].to_numpy())
+        tests.append(m["test_pred"][position.loc[order].to_numpy()])
+    test_pred = np.tensordot(weights, np.stack(tests), 1)
+    layout = first["record"]["submission"]
+    write_submission(out / "submission.csv", task, order, test_pred, layout["id"], layout["columns"], cut["blend"],
+                     layout.get("layout"))
+    probs = task.table(test_pred)
+    probs.insert(0, "id", order)
+    atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
+    info = {"members": [str(m["dir"]) for m in members], "weights": dict(zip(names, map(float, weights))),
+            "scores": scores, "metric": task.metric, "higher_is_better": task.higher_is_better,
+            "fitted_on": {"rows": "validation" if not kfold else "out-of-fold", "n": len(y_valid),
+                          "loss": fit_loss(task) + ("" if fit_loss(task) == task.metric else
+                                                    f" (a smooth surrogate of {task.metric})")},
+            "scored_on": {"rows": scored_on, "n": len(y)}, "threshold": cut["blend"]}
+    write_json(out / "blend.json", info)
+    direction = "higher" if task.higher_is_better else "lower"
+    print(f"blend: weights {', '.join(f'{n} {w:.3f}' for n, w in info['weights'].items())} (fitted on "
+          f"{len(y_valid)} validation rows, {info['fitted_on']['loss']}); {task.metric} on {len(y)} {scored_on} rows "
+          f"({direction} is better): " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items())
+          + f"; wrote {out / 'submission.csv'} and {out / 'blend.json'}")
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
 # Comparison across methods and seeds: the article's table, done with more than one seed
 # ---------------------------------------------------------------------------------------------
 
@@ -4588,6 +4776,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="as for train")
     pred.add_argument("--overwrite", action="store_true", help="replace an earlier submission in --output-dir")
     pred.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    mix = sub.add_parser("blend", help="blend runs of one split: weights fitted on validation, every member, the "
+                         "equal average and the blend scored on the holdout; submission.csv and blend.json")
+    mix.add_argument("--runs", required=True, help="run folders, comma-separated (training runs, or TF-IDF folders "
+                     "of tools/reference_scores.py --write-run)")
+    mix.add_argument("--output-dir", default="submissions/blend", help="where to write (default: %(default)s)")
+    mix.add_argument("--overwrite", action="store_true", help="replace an earlier blend in --output-dir")
     check = sub.add_parser("check-submission", help="validate a submission file against the competition's "
                            "sample submission, test ids and targets")
     check.add_argument("file")
@@ -4653,6 +4847,8 @@ def main(argv=None) -> int:
                 raise UserError(f"--weights takes comma-separated non-negative numbers, got {args.weights!r}.")
             predict([r for r in split_names(args.runs) if r], args.data_dir, args.output_dir, weights or None,
                     args.batch_size, args.device, args.amp, args.overwrite, args.progress)
+        elif args.command == "blend":
+            blend([r for r in split_names(args.runs) if r], args.output_dir, args.overwrite)
         elif args.command == "check-submission":
             path = Path(args.file).expanduser()
             print(check_submission_file(config_from_args(args), path))

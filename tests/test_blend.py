@@ -103,3 +103,17 @@ def test_members_that_cannot_be_blended_are_refused_in_one_sentence(members, tmp
     (cut / "oof.csv").unlink()
     assert advtrain.main(["blend", "--runs", f"{members['a']},{cut}", "--output-dir", str(tmp_path / "x")]) == 2
     assert "oof.csv is missing" in capsys.readouterr().err
+
+
+def test_k_fold_members_are_blended_with_cross_fitted_weights(data_dir, model_dirs, tmp_path):
+    runs = []
+    for seed in (1, 2):
+        runs.append(tmp_path / f"kfold{seed}")
+        advtrain.run(tiny(data_dir, model_dirs["bert"], runs[-1], seed=seed, split_seed=3, split="kfold", n_folds=2,
+                          metric="logloss"))
+    info = advtrain.blend(runs, str(tmp_path / "blend"))
+    assert info["scored_on"]["rows"].startswith("out-of-fold (weights cross-fitted") and info["scored_on"]["n"] == 1000
+    assert info["fitted_on"] == {"rows": "out-of-fold", "n": 1000, "loss": "logloss"}
+    for run in runs:  # each member's out-of-fold score is its own run's
+        recorded = json.loads((run / "metrics.json").read_text())["score"]["value"]
+        assert info["scores"][run.name] == pytest.approx(recorded)

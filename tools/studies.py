@@ -45,6 +45,16 @@ STUDIES = {
         "--methods", "baseline,fgm,sift,awp", "--search", "--grid", "fgm_eps=0.2,0.5", "--grid", "sift_lambda=1,3",
         "--grid", "awp_lr=1e-3,1e-2", "--screen-seeds", "42,43,44", "--confirm-seeds", "50,51,52,53,54,55,56,57",
         "--promote", "1", "--adv-start", "1", *SPOOKY]),
+    # spooky's promoted setting (FGM eps 0.2 from epoch 1) where each baseline overfits at lr 1e-4, all runs on
+    # one split (--split-seed 0) so that they also blend (BLENDS)
+    "tweets-fgm": ("nlp-getting-started", [
+        "--methods", "baseline,fgm", "--seeds", "1,2,3,4,5,6,7,8,9,10", "--split-seed", "0", "--adv-start", "1",
+        "--fgm-eps", "0.2", "--epochs", "3", "--eval-every", "0.5", "--lr", "1e-4"]),
+    "commonlit-fgm": ("commonlitreadabilityprize", [
+        "--methods", "baseline,fgm", "--seeds", "1,2,3,4,5,6,7,8", "--split-seed", "0", "--adv-start", "1",
+        "--fgm-eps", "0.2", "--text-cols", "excerpt", "--target-cols", "target", "--holdout-size", "0.2",
+        "--valid-size", "0.2", "--max-len", "128", "--batch-size", "16", "--epochs", "3", "--eval-every", "0.5",
+        "--lr", "1e-4"]),
 }
 
 
@@ -65,7 +75,9 @@ def sample_competition(slug: str, n_train: int, n_test: int):
     return build
 
 
-BUILDERS = {"spooky-3k": sample_competition("spooky-author-identification", 3000, 500)}
+BUILDERS = {"spooky-3k": sample_competition("spooky-author-identification", 3000, 500),
+            "nlp-getting-started": sample_competition("nlp-getting-started", 0, 0),
+            "commonlitreadabilityprize": sample_competition("commonlitreadabilityprize", 0, 0)}
 
 
 def model_dir() -> str:
@@ -121,6 +133,12 @@ BLENDS = {
          ("kit+tfidf", "blend", "kit+tfidf", "equal")],
         "The kit's baseline (all-MiniLM-L6-v2, lr 1e-4, 3 epochs) blended with TF-IDF + logistic regression on "
         "the same split, one pair per seed of spooky-search: member 1 the kit, member 2 TF-IDF."),
+    "tweets-blend": ("tweets-fgm", {
+        "seed+attack": [[f"baseline-seed{a}", f"fgm-seed{a}"] for a in range(1, 6)],
+        "seed+seed": [[f"baseline-seed{a}", f"baseline-seed{a + 5}"] for a in range(1, 6)]},
+        [("seed+attack", "blend", "seed+seed", "blend"), ("seed+attack", "equal", "seed+seed", "equal")],
+        "Disaster Tweets, one split (split seed 0): the baseline of seed a blended with the FGM run of the same "
+        "seed, against the same baseline blended with the baseline of seed a + 5; five disjoint pairs."),
 }
 
 

@@ -181,3 +181,15 @@ def test_search_refusals_name_the_setting(tmp_path):
     with pytest.raises(advtrain.UserError, match="--budget is minutes"):
         advtrain.compare(cfg, ["baseline"], [1], budget=-3)
     assert advtrain.main(["compare", "--search", "--seeds", "1,2"]) == 2
+
+
+def test_the_confirmed_setting_ships_as_the_overfit_preset_and_the_fgm_notebooks_default():
+    from conftest import ROOT
+
+    cfg = advtrain.Config(preset="overfit", output_dir="x")
+    assert (cfg.method, cfg.fgm_eps, cfg.fgm_scope, cfg.eps_relative, cfg.adv_start, cfg.eval_every) == \
+        ("fgm", 0.2, "example", True, "1", 0.5)
+    assert advtrain.Config(preset="overfit", method="awp", output_dir="x").method == "awp"  # what you give wins
+    assert advtrain.fork_epoch(cfg) == 1  # compare trains its first epoch once, with the baseline's
+    notebook = json.loads((ROOT / "notebooks" / "fgm" / "advtrain-fgm.ipynb").read_text())
+    assert 'preset="overfit"' in "".join(notebook["cells"][2]["source"])

@@ -2796,7 +2796,8 @@ def prepare_output_dir(path: str, overwrite: bool, resume: bool = False) -> Path
 def output_lock(out: Path):
     """Hold output_dir/.advtrain.lock for the duration of a run, so that two runs never write one folder. An
     OS lock (filelock: flock on Unix), which the system releases when the process ends, however it ends: a
-    crashed or killed run leaves no lock behind (the empty file stays; it locks nothing by itself)."""
+    crashed or killed run leaves no lock behind (the empty file stays; it locks nothing by itself). A run
+    that ends removes the file while it still holds the lock, so the folder holds only the run's files."""
     from filelock import FileLock, Timeout
 
     out.mkdir(parents=True, exist_ok=True)
@@ -2809,6 +2810,8 @@ def output_lock(out: Path):
     try:
         yield
     finally:
+        with contextlib.suppress(OSError):  # Windows keeps an open file: there it stays, as after a crash
+            (out / LOCK).unlink(missing_ok=True)
         lock.release()
 
 

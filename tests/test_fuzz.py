@@ -1,6 +1,7 @@
 """The second fuzz's causes, one test each: explicit settings win over presets, a full disk costs the
 checkpoint and never the run, every setting counts for --resume and compare, nothing earlier is replaced
 unasked, no hang, no traceback, and messages that say what is true."""
+import contextlib
 import gzip
 import os
 import pickle
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -153,7 +155,12 @@ def test_seeds_outside_numpys_range_are_one_sentence(capsys):
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "advtrain.py"), "train", "--output-dir", str(tmp_path)],
                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(0.3)
+    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+    while maps.exists() and time.monotonic() < deadline:  # the signal once torch's library is being loaded, however
+        with contextlib.suppress(OSError):  # long the interpreter took to start on a loaded machine
+            if "libtorch" in maps.read_text():
+                break
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -143,7 +143,7 @@ def test_grid_plot_draws_each_untouched_variant_in_its_own_style(tmp_path, monke
 
 # 7.-9. AdversarialTrainer: the task's loss in the outputs' shape, on any head; task and adv_start checked
 def trainer_args(tmp_path):
-    return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=1,
+    return transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, num_train_epochs=2,
                                           report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
                                           logging_strategy="no")
 

@@ -136,6 +136,8 @@ def test_search_screens_promotes_confirms_on_fresh_seeds_and_resumes_without_tra
         assert row["promoted"] and row["confirm_seeds"] == 3
         assert row["verdict"] in ("pays", "costs", "undecided") and f"| {row['verdict']} |" in text
         assert "## Confirmation on fresh seeds: 3, 4, 5" in text
+        assert advtrain.main(search_args(data_dir, model_dirs["bert"], out, "--promote", "2", "--no-train")) == 2
+        assert "and its confirmation runs exist: keep --promote 1" in capsys.readouterr().err  # chosen beforehand
     else:  # nothing gained on the screen: nothing is confirmed, and results.md says so
         assert confirm == [] and "none gained" in text
     assert set(table.loc["fgm", "verdict"]) <= {"pays", "costs", "undecided", "not promoted"}
@@ -173,7 +175,7 @@ def test_search_refusals_name_the_setting(tmp_path):
     cases = [(["fgm", "awp"], advtrain.Search([1], [2]), "add baseline to --methods"),
              (["baseline"], advtrain.Search([1], [2]), "needs an attack beside the baseline"),
              (["baseline", "fgm"], advtrain.Search([1, 2], [2, 3]), "2 also screen"),
-             (["baseline", "fgm"], advtrain.Search([1], []), "give --confirm-seeds"),
+             (["baseline", "fgm"], advtrain.Search([1], []), "--confirm-seeds names no seed"),
              (["baseline", "fgm"], advtrain.Search([1], [2], promote=0), "--promote is how many")]
     for methods, search, says in cases:
         with pytest.raises(advtrain.UserError, match=says):

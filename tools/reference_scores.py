@@ -3,17 +3,21 @@ linear model (scikit-learn), in the competition's metric. Prints a markdown tabl
 
     python tools/reference_scores.py submissions/compare/baseline-seed42 [more run folders]
     python tools/reference_scores.py RUN --write-run submissions/tfidf    # a member for `advtrain.py blend`
+    python tools/reference_scores.py RUN --write-run submissions/tfidf --overwrite   # replace an earlier one
 
 The split, the columns, the task and the metric come from each run's metrics.json. TF-IDF (word 1-2-grams and
 character 2-5-grams) feeds logistic regression (classification, one model per label for multilabel) or ridge
 regression; its regularisation is picked on the run's validation rows and it is scored on the holdout.
 --write-run writes the TF-IDF model's predictions as a run folder in the kit's layout (metrics.json that names
 it, oof.csv with the run's validation and holdout rows, test_probs.csv, submission.csv), so that `blend` takes
-it beside the kit's runs; with several runs, one folder per run under the given one.
+it beside the kit's runs; with several runs, one folder per run under the given one. It never writes into a
+folder that holds a training run, nor over an earlier TF-IDF folder without --overwrite; the files appear
+together once all are written.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -22,8 +26,11 @@ import pandas as pd
 from scipy.sparse import hstack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from advtrain import (Config, Task, atomic_write, holdout_split, input_texts, load_competition, metric_value,  # noqa: E402
-                      read_run_record, split_seed, write_json, write_test_outputs)
+from advtrain import (Config, Task, UserError, atomic_write, fresh_stage, holdout_split, input_texts,  # noqa: E402
+                      load_competition, metric_value, prepare_output_dir, publish, read_run_record,
+                      refuse_run_folder, split_seed, write_json, write_test_outputs)
+
+MADE_BY = "tools/reference_scores.py"
 
 
 def features(train_texts, other_texts):
@@ -63,8 +70,8 @@ def reference(run: Path) -> dict:
     metrics = read_run_record(run)
     settings = metrics["config"]
     if settings["split"] != "holdout":
-        raise SystemExit(f"reference_scores: {run} was trained with split={settings['split']}; it rebuilds holdout "
-                         "splits only.")
+        raise UserError(f"{run} was trained with split={settings['split']}; reference_scores rebuilds holdout splits "
+                        "only.")
     cfg = Config(**{k: v for k, v in settings.items() if k != "output_dir"})
     data = load_competition(cfg)
     task = Task(**metrics["task"])
@@ -92,10 +99,22 @@ def reference(run: Path) -> dict:
             "pred": dict(zip(("valid", "holdout", "test"), best[2]))}
 
 
+def check_folder(folder: Path, overwrite: bool) -> None:
+    """Refuse a --write-run folder that holds a training run (even with --overwrite), or earlier files without
+    --overwrite: only an earlier TF-IDF folder of this tool may be replaced."""
+    try:
+        ours = json.loads((folder / "metrics.json").read_text()).get("made_by", "").startswith(MADE_BY)
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        refuse_run_folder(folder, "TF-IDF's predictions")
+    prepare_output_dir(str(folder), overwrite)
+
+
 def write_run(result: dict, folder: Path) -> None:
     """TF-IDF's predictions as a run folder that `advtrain.py blend` takes: the kit run's split, task and
     submission layout, its own holdout score, oof.csv and test_probs.csv (and submission.csv) as a run writes
-    them."""
+    them; staged, then published together, metrics.json last."""
     task, data, record = result["task"], result["data"], result["record"]
     train = data["train"]
     ids = train[data["id_col"]].to_numpy() if data["id_col"] in train.columns else np.arange(len(train))
@@ -107,14 +126,14 @@ def write_run(result: dict, folder: Path) -> None:
         preds = task.table(result["pred"][part])
         frame[[n if n not in frame.columns else f"pred_{n}" for n in preds.columns]] = preds.to_numpy()
         frames.append(frame.assign(split=part, fold=0))
-    folder.mkdir(parents=True, exist_ok=True)
+    stage = fresh_stage(folder, "reference")
     oof = pd.concat(frames, ignore_index=True)
-    atomic_write(folder / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
-    write_test_outputs(folder, task, data, result["pred"]["test"].astype(np.float32), 0.5)
+    atomic_write(stage / "oof.csv", lambda tmp: oof.to_csv(tmp, index=False))
+    write_test_outputs(stage, task, data, result["pred"]["test"].astype(np.float32), 0.5)
     holdout = result["rows_of"]["holdout"]
     y = task.encode(train)[holdout]
-    write_json(folder / "metrics.json", {
-        "made_by": "tools/reference_scores.py: TF-IDF (word 1-2-grams, character 2-5-grams) + "
+    write_json(stage / "metrics.json", {
+        "made_by": f"{MADE_BY}: TF-IDF (word 1-2-grams, character 2-5-grams) + "
                    f"{'ridge' if task.kind == 'regression' else 'logistic'} regression, "
                    f"strength {result['tfidf_strength']:g} picked on validation, fitted on the run's training rows",
         "reference_run": str(result["record"]["config"]["output_dir"]),
@@ -123,6 +142,7 @@ def write_run(result: dict, folder: Path) -> None:
         "score": {"on": "holdout", "rows": len(holdout), "metric": task.metric, "value": result["tfidf"],
                   "higher_is_better": task.higher_is_better, "threshold": 0.5,
                   "metrics": task.evaluate(y, result["pred"]["holdout"])}})
+    publish(stage, folder)
 
 
 def main(argv=None) -> int:
@@ -130,16 +150,26 @@ def main(argv=None) -> int:
     parser.add_argument("runs", nargs="+", help="finished run folders (split=holdout)")
     parser.add_argument("--write-run", default="", help="write TF-IDF's predictions as a run folder here (one per "
                         "run under it for several runs), for `advtrain.py blend`")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier --write-run folder of this "
+                        "tool (a training run's folder is never written into)")
     args = parser.parse_args(argv)
-    print("| run | metric | holdout rows | advtrain | constant | TF-IDF + linear |\n|---|---|---|---|---|---|")
-    for run in args.runs:
-        r = reference(Path(run))
-        print(f"| {r['run']} | {r['metric']} | {r['rows']} | {r['kit']:.4f} | {r['constant']:.4f} | "
-              f"{r['tfidf']:.4f} (C={r['tfidf_strength']:g}) |")
-        if args.write_run:
-            write_run(r, Path(args.write_run) / (Path(run).name if len(args.runs) > 1 else ""))
+    folders = [Path(args.write_run).expanduser() / (Path(run).name if len(args.runs) > 1 else "")
+               for run in args.runs] if args.write_run else []
+    try:
+        for folder in folders:  # every folder checked before anything is computed
+            check_folder(folder, args.overwrite)
+        print("| run | metric | holdout rows | advtrain | constant | TF-IDF + linear |\n|---|---|---|---|---|---|")
+        for i, run in enumerate(args.runs):
+            r = reference(Path(run))
+            print(f"| {r['run']} | {r['metric']} | {r['rows']} | {r['kit']:.4f} | {r['constant']:.4f} | "
+                  f"{r['tfidf']:.4f} (C={r['tfidf_strength']:g}) |")
+            if folders:
+                write_run(r, folders[i])
+    except UserError as e:
+        print(f"reference_scores: error: {e}", file=sys.stderr)
+        return 2
     print(f"\ncommand: python tools/reference_scores.py {' '.join(args.runs)}"
-          + (f" --write-run {args.write_run}" if args.write_run else ""))
+          + (f" --write-run {args.write_run}" if args.write_run else "") + (" --overwrite" if args.overwrite else ""))
     return 0
 
 

@@ -6,6 +6,7 @@ weights), so that a later session tabulates them instead of training them again.
     python tools/studies.py data              # bench/data/: the studies' data, built from ../shared/data
     python tools/studies.py run NAME [...]    # train what the study still lacks (CPU hours), then tabulate;
                                               # its records are then scrubbed of this machine's paths
+    python tools/studies.py run NAME --overwrite   # train again the runs recorded with other settings or data
     python tools/studies.py tables            # every study's table in RESULTS.md, from the records alone
 
 A blend study (BLENDS) blends runs of a training study: each of its blends is `advtrain.py blend` over run
@@ -189,7 +190,8 @@ def blend_folders(name: str) -> dict:
                 folder = root / f"tfidf-{run}" if member.startswith("tfidf:") else RUNS / study / run
                 if member.startswith("tfidf:") and not (folder / "metrics.json").is_file():
                     import reference_scores
-                    reference_scores.main([str(RUNS / study / run), "--write-run", str(folder)])
+                    if reference_scores.main([str(RUNS / study / run), "--write-run", str(folder)]):
+                        raise SystemExit(f"studies: TF-IDF of {run} could not be made (above)")
                 folders.append(folder)
             else:
                 made[kind].append((root / f"{kind}-{'+'.join(f.name for f in folders)}", folders))
@@ -267,10 +269,15 @@ def tables() -> None:
 
 
 def main(args: list[str]) -> int:
+    overwrite = "--overwrite" in args
+    args = [a for a in args if a != "--overwrite"]
     what, names = (args[0] if args else "list"), args[1:]
     unknown = [n for n in names if n not in STUDIES and n not in BLENDS]
-    if what not in ("list", "data", "run", "tables") or unknown:
-        print(__doc__, file=sys.stderr)
+    if what not in ("list", "data", "run", "tables") or unknown or (overwrite and what != "run"):
+        why = (f"no command {what!r} (list, data, run, tables)" if what not in ("list", "data", "run", "tables") else
+               f"no study {unknown[0]!r} (studies: {', '.join([*STUDIES, *BLENDS])})" if unknown else
+               "--overwrite goes with run alone")
+        print(f"studies: {why}; usage:\n{__doc__}", file=sys.stderr)
         return 2
     if what == "list":
         for name in STUDIES:
@@ -287,7 +294,7 @@ def main(args: list[str]) -> int:
                     run_blends(name)
                     print(blend_table(name))
                 else:
-                    status = advtrain.main(argv(name, "--resume"))
+                    status = advtrain.main(argv(name, "--resume", *(["--overwrite"] if overwrite else [])))
             finally:
                 scrub(RUNS / name)  # even after a failure: what it wrote is committed as it stands
             if status:

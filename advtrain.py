@@ -377,6 +377,14 @@ def env_overrides(cfg: Config, environ=None) -> Config:
 # Data: find, validate, split, tokenize, batch
 # ---------------------------------------------------------------------------------------------
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 KAGGLE_INPUT = Path("/kaggle/input")
 NAMES = {"train": ("train.csv", "train.tsv"), "test": ("test.csv", "test.tsv"),
          "sample_submission": ("sample_submission.csv", "sampleSubmission.csv")}
@@ -869,17 +877,6 @@ def frame_as_text(df: pd.DataFrame, where: str) -> pd.DataFrame:
     return text.reset_index(drop=True)
 
 
-def table_digest(df: pd.DataFrame | None) -> str | None:
-    """A fingerprint of a table as read (its column names and every cell as text): the same for a file moved
-    to another folder or machine, or given as a DataFrame, and another after any cell changes. A run records
-    one per table, so that its results are reused or resumed only on the data they came from."""
-    if df is None:
-        return None
-    import hashlib
-
-    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]
-
-
 def _require(df: pd.DataFrame, cols, where: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -945,9 +942,8 @@ def _different_ids(sample_ids: pd.Series, test_ids: pd.Series, where: dict) -> s
 def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
     """The competition's tables (DataFrames given from Python win over files), checked: columns, ids,
     targets and the sample submission. Returns train, test, the sample submission (or None), the id
-    column, the task, the submission's columns, the test ids in submission order and each table's digest."""
+    column, the task, the submission's columns, the test ids in submission order and the tables as read."""
     tables, where, folder = read_tables(cfg, frames={"train": train, "test": test, "sample_submission": sample})
-    digests = {role: table_digest(df) for role, df in tables.items()}
     train = tables["train"]
     _require(train, cfg.text_cols + (["keyword"] if cfg.use_keyword else []) + cfg.target_cols, where["train"])
     if cfg.task != "regression":
@@ -960,7 +956,7 @@ def load_competition(cfg: Config, train=None, test=None, sample=None) -> dict:
         n_empty = int(sum((df[c].str.strip() == "").sum() for c in cfg.text_cols))
         if n_empty:
             log.info(f"{role}: {n_empty} empty text(s)")
-    return {"train": train, "task": task, "where": where, "dir": folder, "digests": digests, **side}
+    return {"train": train, "task": task, "where": where, "dir": folder, "tables": tables, **side}
 
 
 def input_texts(df: pd.DataFrame, cfg: Config, sep_token: str | None):
@@ -1202,34 +1198,6 @@ def resolve_model(name: str) -> str:
             log.info(f"model {name}: using the snapshot attached at {config.parent}")
             return str(config.parent)
     return name
-
-
-# The files of a model folder that decide what a run starts from (weights, config, tokenizer), by suffix.
-MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
-
-
-@functools.lru_cache(maxsize=16)
-def _folder_digest(folder: str, stamp: tuple) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).iterdir()):
-        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and not path.name.lower().startswith("readme"):
-            digest.update(path.name.encode() + b"\0")
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-def model_digest(name_or_dir: str) -> str:
-    """A fingerprint of a model folder's weights, config and tokenizer files (their names and contents), so
-    that a run record names the model it started from wherever the folder lies; a hub name stands for itself."""
-    path = Path(name_or_dir).expanduser()
-    if not path.is_dir():
-        return f"hub:{name_or_dir}"
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
-    return _folder_digest(str(path.resolve()), stamp)
 
 
 def load_tokenizer(name_or_dir: str):
@@ -2057,14 +2025,6 @@ def make_attack(cfg: Config, model, task: Task | None = None):
 # ---------------------------------------------------------------------------------------------
 
 
-def rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 @contextlib.contextmanager
 def process_group():
     """The process group of a torchrun launch (WORLD_SIZE > 1) for the duration: NCCL with one GPU per
@@ -2276,6 +2236,19 @@ class Selection:
             self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
             self.probs = probs
         return improved
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 class FoldTraining:
@@ -2785,6 +2758,230 @@ def write_json(path: Path, obj) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Run records: what a run read (digests), when two runs are the same run, the clean epochs runs
+# share (the fork), and the checked reader of what a run wrote (metrics.json, oof.csv, test_probs.csv)
+# ---------------------------------------------------------------------------------------------
+
+
+# Settings that do not change a run's result: a finished run is reused whatever they were.
+_NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
+# Where the data and model lie: a run is reused by their contents (digests), wherever they are.
+_INPUTS = ("competition", "data_dir", "train", "test", "sample_submission", "model")
+# Settings of the attack's schedule, and the methods they change (the baseline never).
+_ATTACK_SETTINGS = {"adv_start": METHODS[1:], "adv_threshold": METHODS[1:], "eps_relative": ("fgm", "pgd", "freelb")}
+
+
+def touches(name: str, method: str) -> bool:
+    """Whether the setting `name` can change a run of `method`: a method's own settings (awp_lr) change
+    only that method, the attack's schedule every attack, everything else (lr, epochs) every method."""
+    owner = name.split("_")[0]
+    if owner in METHODS[1:]:
+        return owner == method
+    return method in _ATTACK_SETTINGS.get(name, METHODS)
+
+
+def table_digest(df: pd.DataFrame | None) -> str | None:
+    """A fingerprint of a table as read (its column names and every cell as text): the same for a file moved
+    to another folder or machine, or given as a DataFrame, and another after any cell changes. A run records
+    one per table, so that its results are reused or resumed only on the data they came from."""
+    if df is None:
+        return None
+    import hashlib
+
+    return hashlib.sha256(df.to_csv(index=False).encode()).hexdigest()[:16]
+
+
+# The files of a model folder that decide what a run starts from (weights, config, tokenizer), by suffix.
+MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".txt", ".model")
+
+
+@functools.lru_cache(maxsize=16)
+def _folder_digest(folder: str, stamp: tuple) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.suffix in MODEL_FILE_SUFFIXES and not path.name.lower().startswith("readme"):
+            digest.update(path.name.encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def model_digest(name_or_dir: str) -> str:
+    """A fingerprint of a model folder's weights, config and tokenizer files (their names and contents), so
+    that a run record names the model it started from wherever the folder lies; a hub name stands for itself."""
+    path = Path(name_or_dir).expanduser()
+    if not path.is_dir():
+        return f"hub:{name_or_dir}"
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+    return _folder_digest(str(path.resolve()), stamp)
+
+
+def vocabulary_digest(tokenizer) -> str:
+    """A fingerprint of the tokenizer's vocabulary (every token and its id), saved beside the weights so that
+    predict can tell a tokenizer that belongs to another model, even one of the same size."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def run_inputs(tables: dict, model_path: str) -> dict:
+    """What a run reads, as digests: each table as read (train, test, sample submission) and the model's
+    files. A run records them (metrics.json "inputs"); the comparison builds the same to reuse it."""
+    return {**{role: table_digest(df) for role, df in tables.items()}, "model": model_digest(model_path)}
+
+
+def differences(record: dict, cfg: Config, inputs: dict, where: dict | None = None) -> str:
+    """How the run a record describes (a metrics.json or a checkpoint: its config and inputs) differs from a
+    run of cfg on `inputs`, as a phrase: "with other settings (lr, epochs)", "on other data (train.csv
+    changed)", or "" for the same run. Every setting that can change this method's result counts but where
+    the data and model lie (their digests count instead); a setting the run did not record (it predates it)
+    counts as its default; a record without digests (an earlier advtrain) is on unknown data."""
+    want, defaults = dataclasses.asdict(cfg), {f.name: f.default for f in dataclasses.fields(Config)}
+    for name in ("text_cols", "target_cols"):
+        defaults[name] = _columns(defaults[name], name)
+    recorded = record.get("config") or {}
+    settings = [k for k in want if k not in _NOT_RESULTS + _INPUTS and touches(k, cfg.method)
+                and recorded.get(k, defaults[k]) != want[k]]
+    if settings:
+        return f"with other settings ({', '.join(settings)})"
+    if not record.get("inputs"):
+        return "on other data (the run predates data fingerprints, so its data is unknown)"
+    names = {role: (where or {}).get(role) or role.replace("_", " ") for role in ("train", "test", "sample_submission")}
+    names["model"] = "the model's files"
+    changed = [f"{names.get(k, k)} changed" for k in inputs if record["inputs"].get(k) != inputs[k]]
+    return f"on other data ({'; '.join(changed)})" if changed else ""
+
+
+def fork_epoch(cfg: Config) -> int:
+    """The whole epochs an attacked run trains exactly as its baseline before its attack can start (adv_start
+    as an epoch; 0 for warmup, auto and the baseline): what it can take from the baseline (Prefix)."""
+    if cfg.method == "baseline" or not _is_number(cfg.adv_start):
+        return 0
+    return min(int(float(cfg.adv_start)), cfg.epochs)
+
+
+def clean_key(cfg: Config, inputs: dict) -> str:
+    """A fingerprint of everything that decides a run's training before its attack starts: each setting that
+    can change a baseline run, and the data and model it reads. Runs of one key train identically until then."""
+    import hashlib
+
+    clean = {k: v for k, v in dataclasses.asdict(cfg).items()
+             if k not in _NOT_RESULTS + _INPUTS + ("method", "preset", "save_model") and touches(k, "baseline")}
+    return hashlib.sha256(json.dumps([clean, inputs], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass
+class Prefix:
+    """The clean epochs an attacked run shares with its baseline. A run whose attack starts after epoch E
+    trains exactly as the baseline of its seed until then (same settings, data, RNG and batches), so
+    compare trains those epochs once: the baseline saves its whole training state (weights, optimizer,
+    scheduler, RNG, evaluations so far) after each epoch in `save`, and a run with `load` = E starts from
+    the state saved after epoch E. The files in `folder` are named by clean_key, so that a state is only
+    ever loaded by a run whose clean epochs are the same; a missing one means training from the start."""
+
+    folder: Path
+    save: tuple = ()
+    load: int = 0
+
+    def path(self, key: str, fold: int, epoch: int) -> Path:
+        return Path(self.folder) / f"{key}-fold{fold}-epoch{epoch}.pt"
+
+
+def load_prefix(path: Path, key: str) -> dict | None:
+    """The training state a baseline saved after its clean epochs (Prefix), or None (with the reason logged)
+    where there is none to start from: the run then trains those epochs itself, to the same result."""
+    if not path.is_file():
+        log.info(f"no saved state of the clean epochs ({path.name}): training them")
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["key"] != key:
+            raise ValueError("another run's state")
+        return saved["state"]
+    except Exception as e:  # noqa: BLE001 - a damaged file raises anything; training from the start is always right
+        log.warning(f"{path} is not a readable state of this run's clean epochs ({type(e).__name__}): training them")
+        return None
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad_record(path: Path, what: str) -> UserError:
+    return UserError(f"{path} is not a run record of this advtrain ({what}): copy the folder its training run wrote, "
+                     "whole, or delete it to train it again.")
+
+
+def read_run_record(folder: Path) -> dict:
+    """A run folder's metrics.json, checked for everything compare, predict and blend read from it: the
+    settings (one the run did not record counts as its default), the task, the submission layout and the
+    score with its threshold. What is wrong is one sentence naming the file and the key."""
+    path = Path(folder).expanduser() / "metrics.json"
+    if not path.is_file():
+        raise UserError(f"{path.parent} is not a run folder (no metrics.json): pass the --output-dir of a training "
+                        "run.")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise _bad_record(path, f"not readable JSON: {type(e).__name__}") from None
+    if not isinstance(m, dict):
+        raise _bad_record(path, "not a JSON object")
+    for key in ("config", "task", "score", "submission"):
+        if not isinstance(m.get(key), dict):
+            raise _bad_record(path, f"{key} is {'missing' if m.get(key) is None else 'not an object'}")
+    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
+    m["config"] = config = {**defaults, **{k: v for k, v in m["config"].items() if k in defaults}}
+    for f in dataclasses.fields(Config):
+        kind, value = _field_type(f), config[f.name]
+        if f.name in ("text_cols", "target_cols"):
+            fine = isinstance(value, (str, list)) and bool(value)
+        elif kind is float:
+            fine = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            fine = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        if not fine:
+            raise _bad_record(path, f"config.{f.name} is {value!r}, not a {kind.__name__}")
+    try:
+        Config(**config)  # every setting in its range
+    except UserError as e:
+        raise _bad_record(path, f"config: {str(e).rstrip('.')}") from None
+    for name in ("text_cols", "target_cols"):
+        config[name] = _columns(config[name], name)
+    task = m["task"]
+    if task.get("kind") not in TASKS[1:] or task.get("metric") not in METRICS or not isinstance(
+            task.get("target_cols"), list) or not isinstance(task.get("classes", []), list):
+        raise _bad_record(path, "its task is not one advtrain trains")
+    score = m["score"]
+    if not (_is_real(score.get("value")) or score.get("value") is None) or score.get("metric") != task["metric"]:
+        raise _bad_record(path, f"score.value is {score.get('value')!r} for metric {score.get('metric')!r}")
+    if not (_is_real(score.get("threshold")) and 0 <= score["threshold"] <= 1):
+        raise _bad_record(path, f"score.threshold is {score.get('threshold')!r}, not a probability")
+    if not isinstance(m["submission"].get("id"), str) or not isinstance(m["submission"].get("columns"), dict):
+        raise _bad_record(path, "submission lacks its id or columns")
+    return m
+
+
+def read_run_table(folder: Path, name: str, columns) -> pd.DataFrame:
+    """oof.csv or test_probs.csv of a run folder (every cell as text), checked for the columns it must hold."""
+    path = Path(folder) / name
+    if not path.is_file():
+        raise UserError(f"{path} is missing: a run folder for blend holds metrics.json, oof.csv and test_probs.csv "
+                        "(README, 'Blend'); copy the whole folder.")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: its columns are {', '.join(table.columns)}.")
+    return table
+
+
+# ---------------------------------------------------------------------------------------------
 # A whole run: data -> folds -> submission, metrics.json
 # ---------------------------------------------------------------------------------------------
 
@@ -3034,7 +3231,7 @@ def prepare_data(cfg: Config, train=None, test=None, sample=None) -> dict:
         train_ids = tokenize(tokenizer, texts[0], max_len, texts[1])
     test_texts = input_texts(data["test"], cfg, tokenizer.sep_token)
     return {**data, "model_path": model_path, "tokenizer": tokenizer, "train_ids": train_ids,
-            "inputs": {**data["digests"], "model": model_digest(model_path)},
+            "inputs": run_inputs(data["tables"], model_path),
             "test_ids": tokenize(tokenizer, test_texts[0], max_len, test_texts[1]),
             "targets": task.encode(train_df), "groups": groups, "max_len": max_len, "longest": longest,
             "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0}
@@ -3085,23 +3282,6 @@ def make_folds(cfg: Config, data: dict) -> list[tuple[np.ndarray, np.ndarray, np
         raise UserError(f"train has {len(targets)} rows, too few for {cfg.n_folds} folds: lower --n-folds.")
     return [(tr, va, np.array([], dtype=int))
             for tr, va in kfold_splits(strata(task, targets), cfg.n_folds, split_seed(cfg), data["groups"])]
-
-
-@dataclass
-class Prefix:
-    """The clean epochs an attacked run shares with its baseline. A run whose attack starts after epoch E
-    trains exactly as the baseline of its seed until then (same settings, data, RNG and batches), so
-    compare trains those epochs once: the baseline saves its whole training state (weights, optimizer,
-    scheduler, RNG, evaluations so far) after each epoch in `save`, and a run with `load` = E starts from
-    the state saved after epoch E. The files in `folder` are named by clean_key, so that a state is only
-    ever loaded by a run whose clean epochs are the same; a missing one means training from the start."""
-
-    folder: Path
-    save: tuple = ()
-    load: int = 0
-
-    def path(self, key: str, fold: int, epoch: int) -> Path:
-        return Path(self.folder) / f"{key}-fold{fold}-epoch{epoch}.pt"
 
 
 def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path, prefix: Prefix | None = None):
@@ -3169,22 +3349,6 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path, pr
     return results, [p for c in completed for p in c["parts"]], test_pred
 
 
-def load_prefix(path: Path, key: str) -> dict | None:
-    """The training state a baseline saved after its clean epochs (Prefix), or None (with the reason logged)
-    where there is none to start from: the run then trains those epochs itself, to the same result."""
-    if not path.is_file():
-        log.info(f"no saved state of the clean epochs ({path.name}): training them")
-        return None
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved["key"] != key:
-            raise ValueError("another run's state")
-        return saved["state"]
-    except Exception as e:  # noqa: BLE001 - a damaged file raises anything; training from the start is always right
-        log.warning(f"{path} is not a readable state of this run's clean epochs ({type(e).__name__}): training them")
-        return None
-
-
 def load_checkpoint(path: Path, cfg: Config, data: dict) -> dict:
     """The checkpoint of an interrupted run, if advtrain wrote it with the same settings on the same data."""
     try:
@@ -3194,24 +3358,11 @@ def load_checkpoint(path: Path, cfg: Config, data: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - unpickling a foreign or damaged file raises anything
         raise UserError(f"--resume: {path} is not a readable checkpoint of advtrain ({type(e).__name__}): delete "
                         "it, or run without --resume.") from None
-    differ = _differing_settings(recorded, cfg)
-    if differ:
-        raise UserError(f"--resume: the interrupted run used other settings ({', '.join(differ)}): resume with "
-                        "the same settings, or run without --resume.")
-    changed = _differing_inputs(saved.get("inputs"), data["inputs"], data["where"])
-    if changed:
-        raise UserError(f"--resume: the interrupted run trained on other data: {', '.join(changed)}; run without "
-                        "--resume to start again on these files.")
+    why = differences({"config": recorded, "inputs": saved.get("inputs")}, cfg, data["inputs"], data["where"])
+    if why:
+        raise UserError(f"--resume: the interrupted run was made {why}: resume with the same settings and files, "
+                        "or run without --resume to start again.")
     return saved
-
-
-def vocabulary_digest(tokenizer) -> str:
-    """A fingerprint of the tokenizer's vocabulary (every token and its id), saved beside the weights so that
-    predict can tell a tokenizer that belongs to another model, even one of the same size."""
-    import hashlib
-
-    items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
 
 def save_model(model: "Classifier", tokenizer, folder: Path, info: dict) -> None:
@@ -3233,19 +3384,6 @@ def save_model(model: "Classifier", tokenizer, folder: Path, info: dict) -> None
         shutil.rmtree(folder, ignore_errors=True)
         log.warning(f"{folder.name}/ not saved ({str(e).splitlines()[0]}): free some disk space, or pass "
                     "--no-save-model; the submission and metrics are written all the same")
-
-
-def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def decide_threshold(cfg: Config, task: Task, y_valid, pred_valid) -> float:
@@ -3352,7 +3490,6 @@ def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: 
     write_json(out / "metrics.json", metrics)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Predict from saved runs: offline inference for code competitions
 # ---------------------------------------------------------------------------------------------
@@ -3361,64 +3498,6 @@ def write_outputs(out: Path, data: dict, parts, test_pred: np.ndarray, metrics: 
 # A model folder holds at least one of these (tokenizers save one or more of them).
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "spm.model", "vocab.json", "sentencepiece.bpe.model",
                    "tokenizer.model")
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _bad_record(path: Path, what: str) -> UserError:
-    return UserError(f"{path} is not a run record of this advtrain ({what}): copy the folder its training run wrote, "
-                     "whole, or delete it to train it again.")
-
-
-def read_run_record(folder: Path) -> dict:
-    """A run folder's metrics.json, checked for everything compare, predict and blend read from it: the
-    settings (one the run did not record counts as its default), the task, the submission layout and the
-    score with its threshold. What is wrong is one sentence naming the file and the key."""
-    path = Path(folder).expanduser() / "metrics.json"
-    if not path.is_file():
-        raise UserError(f"{path.parent} is not a run folder (no metrics.json): pass the --output-dir of a training "
-                        "run.")
-    try:
-        m = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise _bad_record(path, f"not readable JSON: {type(e).__name__}") from None
-    if not isinstance(m, dict):
-        raise _bad_record(path, "not a JSON object")
-    for key in ("config", "task", "score", "submission"):
-        if not isinstance(m.get(key), dict):
-            raise _bad_record(path, f"{key} is {'missing' if m.get(key) is None else 'not an object'}")
-    defaults = {f.name: f.default for f in dataclasses.fields(Config)}
-    m["config"] = config = {**defaults, **{k: v for k, v in m["config"].items() if k in defaults}}
-    for f in dataclasses.fields(Config):
-        kind, value = _field_type(f), config[f.name]
-        if f.name in ("text_cols", "target_cols"):
-            fine = isinstance(value, (str, list)) and bool(value)
-        elif kind is float:
-            fine = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            fine = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if not fine:
-            raise _bad_record(path, f"config.{f.name} is {value!r}, not a {kind.__name__}")
-    try:
-        Config(**config)  # every setting in its range
-    except UserError as e:
-        raise _bad_record(path, f"config: {str(e).rstrip('.')}") from None
-    for name in ("text_cols", "target_cols"):
-        config[name] = _columns(config[name], name)
-    task = m["task"]
-    if task.get("kind") not in TASKS[1:] or task.get("metric") not in METRICS or not isinstance(
-            task.get("target_cols"), list) or not isinstance(task.get("classes", []), list):
-        raise _bad_record(path, "its task is not one advtrain trains")
-    score = m["score"]
-    if not (_is_real(score.get("value")) or score.get("value") is None) or score.get("metric") != task["metric"]:
-        raise _bad_record(path, f"score.value is {score.get('value')!r} for metric {score.get('metric')!r}")
-    if not (_is_real(score.get("threshold")) and 0 <= score["threshold"] <= 1):
-        raise _bad_record(path, f"score.threshold is {score.get('threshold')!r}, not a probability")
-    if not isinstance(m["submission"].get("id"), str) or not isinstance(m["submission"].get("columns"), dict):
-        raise _bad_record(path, "submission lacks its id or columns")
-    return m
 
 
 # What a model folder's advtrain.json holds, and the rule each value follows.
@@ -3591,26 +3670,9 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     return sub
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Blend: runs of one split, weighted on validation, scored on rows no member and no weight saw
 # ---------------------------------------------------------------------------------------------
-
-
-def read_run_table(folder: Path, name: str, columns) -> pd.DataFrame:
-    """oof.csv or test_probs.csv of a run folder (every cell as text), checked for the columns it must hold."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise UserError(f"{path} is missing: a run folder for blend holds metrics.json, oof.csv and test_probs.csv "
-                        "(README, 'Blend'); copy the whole folder.")
-    try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a readable CSV ({type(e).__name__}).") from None
-    missing = [c for c in columns if c not in table.columns]
-    if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}: its columns are {', '.join(table.columns)}.")
-    return table
 
 
 def _predictions(task: Task, table: pd.DataFrame, names, where: str) -> np.ndarray:
@@ -3836,63 +3898,6 @@ def _name_part(value) -> str:
 def run_dir_name(method: str, seed: int, setting: dict | None = None) -> str:
     """<method>-seed<seed>, with the grid's settings of that run between: awp-awp_lr=0.5-seed42."""
     return "-".join([method, *(f"{k}={_name_part(v)}" for k, v in (setting or {}).items()), f"seed{seed}"])
-
-
-# Settings that do not change a run's result: a finished run is reused whatever they were.
-_NOT_RESULTS = ("output_dir", "overwrite", "resume", "progress", "num_workers")
-# Where the data and model lie: a run is reused by their contents (digests), wherever they are.
-_INPUTS = ("competition", "data_dir", "train", "test", "sample_submission", "model")
-# Settings of the attack's schedule, and the methods they change (the baseline never).
-_ATTACK_SETTINGS = {"adv_start": METHODS[1:], "adv_threshold": METHODS[1:], "eps_relative": ("fgm", "pgd", "freelb")}
-
-
-def touches(name: str, method: str) -> bool:
-    """Whether the setting `name` can change a run of `method`: a method's own settings (awp_lr) change
-    only that method, the attack's schedule every attack, everything else (lr, epochs) every method."""
-    owner = name.split("_")[0]
-    if owner in METHODS[1:]:
-        return owner == method
-    return method in _ATTACK_SETTINGS.get(name, METHODS)
-
-
-def _differing_settings(recorded: dict, wanted: Config) -> list[str]:
-    """The settings in which a finished run's recorded config differs from the wanted one: every setting
-    that can change this method's result counts, but where the data and model lie (their contents are
-    compared by _differing_inputs). A setting the run did not record (it predates that setting) counts as
-    its default."""
-    want, defaults = dataclasses.asdict(wanted), {f.name: f.default for f in dataclasses.fields(Config)}
-    for name in ("text_cols", "target_cols"):
-        defaults[name] = _columns(defaults[name], name)
-    return [k for k in want if k not in _NOT_RESULTS + _INPUTS and touches(k, wanted.method)
-            and recorded.get(k, defaults[k]) != want[k]]
-
-
-def _differing_inputs(recorded: dict | None, wanted: dict, where: dict | None = None) -> list[str]:
-    """What changed in the data and model since a run recorded their digests (table_digest, model_digest),
-    each said as a phrase naming the file; everything, when the run recorded none (an earlier advtrain)."""
-    if not recorded:
-        return ["the run predates data fingerprints, so its data is unknown"]
-    names = {role: (where or {}).get(role) or role.replace("_", " ") for role in ("train", "test", "sample_submission")}
-    names["model"] = "the model's files"
-    return [f"{names.get(k, k)} changed" for k in wanted if recorded.get(k) != wanted[k]]
-
-
-def fork_epoch(cfg: Config) -> int:
-    """The whole epochs an attacked run trains exactly as its baseline before its attack can start (adv_start
-    as an epoch; 0 for warmup, auto and the baseline): what it can take from the baseline (Prefix)."""
-    if cfg.method == "baseline" or not _is_number(cfg.adv_start):
-        return 0
-    return min(int(float(cfg.adv_start)), cfg.epochs)
-
-
-def clean_key(cfg: Config, inputs: dict) -> str:
-    """A fingerprint of everything that decides a run's training before its attack starts: each setting that
-    can change a baseline run, and the data and model it reads. Runs of one key train identically until then."""
-    import hashlib
-
-    clean = {k: v for k, v in dataclasses.asdict(cfg).items()
-             if k not in _NOT_RESULTS + _INPUTS + ("method", "preset", "save_model") and touches(k, "baseline")}
-    return hashlib.sha256(json.dumps([clean, inputs], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # Settings that decide what is scored (the metric, its direction, the targets): every run of one comparison
@@ -4337,8 +4342,7 @@ class Runner:
         where = (cfg.model, cfg.competition, cfg.data_dir, cfg.train, cfg.test, cfg.sample_submission)
         if where not in self._inputs:
             tables, names, _ = read_tables(cfg, frames=self.frames)
-            digests = {role: table_digest(df) for role, df in tables.items()}
-            self._inputs[where] = ({**digests, "model": model_digest(resolve_model(cfg.model))}, names)
+            self._inputs[where] = (run_inputs(tables, resolve_model(cfg.model)), names)
         return self._inputs[where]
 
     def finished(self, item: Item) -> dict | None:
@@ -4348,13 +4352,11 @@ class Runner:
         if not (out / "metrics.json").is_file():
             return None
         row, metrics = result_row(out / "metrics.json")
-        differ = _differing_settings(metrics["config"], item.cfg)
-        changed = [] if differ else _differing_inputs(metrics.get("inputs"), *self.inputs(item.cfg))
-        if not differ and not changed:
+        why = differences(metrics, item.cfg, *self.inputs(item.cfg))
+        if not why:
             return row
         if self.cfg.overwrite:
             return None
-        why = f"with other settings ({', '.join(differ)})" if differ else f"on other data ({'; '.join(changed)})"
         raise UserError(f"{out} was run {why}: pass --overwrite to run it again with these, or choose another "
                         "--output-dir.")
 

@@ -70,8 +70,8 @@ def test_resume_refuses_a_checkpoint_of_other_data(data_dir, model_dirs, tmp_pat
     assert (out / advtrain.STAGE / advtrain.CHECKPOINT).is_file()
     train = pd.read_csv(data / "train.csv")
     train.assign(target=1 - train["target"]).to_csv(data / "train.csv", index=False)
-    with pytest.raises(advtrain.UserError, match=r"--resume: the interrupted run trained on other data: .*train.csv "
-                                                 r"changed; run without --resume"):
+    with pytest.raises(advtrain.UserError, match=r"--resume: the interrupted run was made on other data \(.*train.csv "
+                                                 r"changed\): resume with the same settings and files"):
         advtrain.run(base_config(data, model_dirs["bert"], out, epochs=2, eval_every=1.0, resume=True))
 
 

@@ -3691,23 +3691,49 @@ def _predictions(task: Task, table: pd.DataFrame, names, where: str) -> np.ndarr
     return task.from_table(pd.DataFrame(values, columns=task.output_names))
 
 
-def blend_member(folder: Path) -> dict:
-    """What blend reads of a run folder: its record (read_run_record), its validation and holdout rows
-    (oof.csv: ids, targets and predictions, by split) and its test predictions (test_probs.csv)."""
+def blend_member(folder: Path, with_oof: bool = True) -> dict:
+    """What blend (and compare's --ensemble) reads of a run folder, checked: its record (read_run_record),
+    its test predictions (test_probs.csv) and, with_oof, its validation and holdout rows (oof.csv: ids,
+    targets and predictions, by split)."""
     folder = Path(folder).expanduser()
     record = read_run_record(folder)
     task = Task(**record["task"])
     given = ["id", *task.target_cols]
     shown = [n if n not in given else f"pred_{n}" for n in task.output_names]  # as write_outputs names them
-    oof = read_run_table(folder, "oof.csv", given + shown + ["split"])
-    test = read_run_table(folder, "test_probs.csv", ["id", *task.output_names])
-    for name, table in (("oof.csv", oof), ("test_probs.csv", test)):
-        keys = table[["split", "id"]] if name == "oof.csv" else table["id"]
-        if keys.duplicated().any():
+    tables = {"test_probs.csv": (read_run_table(folder, "test_probs.csv", ["id", *task.output_names]), ["id"])}
+    if with_oof:
+        tables["oof.csv"] = (read_run_table(folder, "oof.csv", given + shown + ["split"]), ["split", "id"])
+    for name, (table, keys) in tables.items():
+        if table[keys].duplicated().any():
             raise UserError(f"{folder / name} lists a row twice: copy the run's own file again.")
-    return {"dir": folder, "record": record, "task": task, "oof": oof.set_index(["split", "id"]),
-            "oof_pred": _predictions(task, oof, shown, str(folder / "oof.csv")), "test": test["id"],
-            "test_pred": _predictions(task, test, task.output_names, str(folder / "test_probs.csv"))}
+    test = tables["test_probs.csv"][0]
+    member = {"dir": folder, "record": record, "task": task, "test": test["id"],
+              "test_pred": _predictions(task, test, task.output_names, str(folder / "test_probs.csv"))}
+    if with_oof:
+        oof = tables["oof.csv"][0]
+        member.update(oof=oof.set_index(["split", "id"]), oof_pred=_predictions(task, oof, shown,
+                                                                                 str(folder / "oof.csv")))
+    return member
+
+
+def member_tests(members: list[dict]) -> tuple[np.ndarray, list]:
+    """The test ids (the first member's order) and each member's test predictions in that order; members
+    that predicted other test ids are refused."""
+    first = members[0]
+    for other in members[1:]:
+        if set(first["test"]) != set(other["test"]):
+            raise UserError(f"{other['dir']} predicted other test ids than {first['dir']}: mix runs of one test "
+                            "file.")
+    order = first["test"].to_numpy()
+    return order, [m["test_pred"][pd.Series(np.arange(len(m["test"])), index=m["test"].to_numpy()).loc[order]
+                                  .to_numpy()] for m in members]
+
+
+def write_member_submission(path: Path, member: dict, order, pred: np.ndarray, threshold: float) -> None:
+    """A submission of predictions of members' test rows, in the layout the first member recorded."""
+    layout = member["record"]["submission"]
+    write_submission(path, member["task"], order, pred, layout["id"], layout["columns"], threshold,
+                     layout.get("layout"))
 
 
 def _positions(member: dict, keys) -> np.ndarray:
@@ -3750,9 +3776,6 @@ def _check_members(members: list[dict]) -> None:
                 i = int(np.flatnonzero(mismatch)[0])
                 raise UserError(f"{other['dir'] / 'oof.csv'}: row {rows[i] + 1} ({split} id {keys[i][1]}) holds other "
                                 f"targets than {first['dir'] / 'oof.csv'}: blend runs of one train file.")
-        if set(first["test"]) != set(other["test"]):
-            raise UserError(f"{other['dir']} predicted other test ids than {first['dir']}: blend runs of one test "
-                            "file.")
 
 
 def fit_loss(task: Task) -> str:
@@ -3838,15 +3861,9 @@ def blend(runs, output_dir: str = "submissions/blend", overwrite: bool = False) 
     scores = {name: metric_value(task.metric, task, y, p, t) for name, p, t in zip(names, scored, thresholds)}
     scores["equal"] = metric_value(task.metric, task, y, np.mean(scored, axis=0), cut["equal"])
     scores["blend"] = metric_value(task.metric, task, y, mixed, cut["blend"])
-    order = first["test"].to_numpy()
-    tests = []
-    for m in members:
-        position = pd.Series(np.arange(len(m["test"])), index=m["test"].to_numpy())
-        tests.append(m["test_pred"][position.loc[order].to_numpy()])
-    test_pred = np.tensordot(weights, np.stack(tests), 1)
-    layout, stage = first["record"]["submission"], fresh_stage(out, "blend")
-    write_submission(stage / "submission.csv", task, order, test_pred, layout["id"], layout["columns"], cut["blend"],
-                     layout.get("layout"))
+    order, tests = member_tests(members)
+    test_pred, stage = np.tensordot(weights, np.stack(tests), 1), fresh_stage(out, "blend")
+    write_member_submission(stage / "submission.csv", first, order, test_pred, cut["blend"])
     probs = task.table(test_pred)
     probs.insert(0, "id", order)
     atomic_write(stage / "test_probs.csv", lambda tmp: probs.to_csv(tmp, index=False))
@@ -3988,12 +4005,6 @@ def result_row(path: Path) -> tuple[dict, dict]:
         raise _bad_record(path, f"{type(e).__name__}: {e}") from None
 
 
-def _run_task(root: Path, run_name: str) -> tuple[Task, dict]:
-    """The task and submission layout a finished run recorded in its metrics.json."""
-    m = read_run_record(Path(root) / run_name)
-    return Task(**m["task"]), m
-
-
 def reference_runs(results: pd.DataFrame, reference: str, keys=()) -> list:
     """For each run, the reference method's run it is paired with: the same seed, and the same values of
     the grid settings that touch the reference (an awp run at lr 1e-5 with the baseline at lr 1e-5);
@@ -4008,7 +4019,7 @@ def with_changed_labels(root: Path, results: pd.DataFrame, reference: str, keys=
     """results with `labels_changed`: for each run whose submission holds labels, the share of its test
     labels that differ from its paired reference run's (does the method change what is submitted?);
     nan where the submission holds probabilities or values."""
-    task, _ = _run_task(root, results["run"].iloc[0])
+    task = Task(**read_run_record(Path(root) / results["run"].iloc[0])["task"])
     if not task.writes_labels:
         return results.assign(labels_changed=np.nan)
 
@@ -4042,11 +4053,31 @@ def _label(method: str, setting: dict) -> str:
     return method + (f" ({', '.join(f'{k}={v}' for k, v in setting.items())})" if setting else "")
 
 
+# The one rule every comparison is judged by (verdict), and how results.md says each word.
+VERDICTS = {"pays": "better, distinguishable from zero", "costs": "worse, distinguishable from zero",
+            "undecided": "not distinguishable from zero"}
+
+
+def verdict(gain_lo: float, gain_hi: float) -> str:
+    """pays where the interval of the gain lies above zero, costs where it lies below, undecided where it
+    spans zero (or there is no interval: one pair)."""
+    if gain_lo > 0:
+        return "pays"
+    return "costs" if gain_hi < 0 else "undecided"
+
+
+def markdown_table(head: list, rows: list) -> list[str]:
+    """The lines of a markdown table."""
+    return ["| " + " | ".join(map(str, head)) + " |", "|---" * len(head) + "|",
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
 def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level: float = 0.95) -> pd.DataFrame:
     """One row per method and grid setting (results.csv): mean and std over seeds, how many selected a
     checkpoint trained with the attack, the share of changed test labels, and the paired difference to
     the reference run of the same seed (and shared settings) with its CI at `level` (95%). `gain` is that
-    difference in the metric's own direction: positive is better (a lower RMSE is a gain)."""
+    difference in the metric's own direction: positive is better (a lower RMSE is a gain); `better`, on how
+    many of the pairs it was; `verdict`, the verdict of the interval."""
     if "labels_changed" not in results:
         results = results.assign(labels_changed=np.nan)
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
@@ -4062,12 +4093,14 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level
                "labels_changed_min": mine["labels_changed"].min(), "paired_seeds": 0}
         pairs = mine.dropna(subset=["paired"]) if method != reference else mine.iloc[:0]
         if len(pairs):
-            diff, lo, hi = paired_interval(pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]], level)
+            diffs = pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]]
+            diff, lo, hi = paired_interval(diffs, level)
             glo, ghi = sorted([sign * lo, sign * hi])
-            row.update(paired_seeds=len(pairs), diff=diff, lo=lo, hi=hi, gain=sign * diff, gain_lo=glo, gain_hi=ghi)
+            row.update(paired_seeds=len(pairs), diff=diff, lo=lo, hi=hi, gain=sign * diff, gain_lo=glo, gain_hi=ghi,
+                       better=int((sign * diffs > 0).sum()), verdict=verdict(glo, ghi))
         rows.append(row)
     summary = pd.DataFrame(rows)
-    for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi"):  # present even when nothing is paired
+    for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi", "better", "verdict"):  # even when none is paired
         if name not in summary:
             summary[name] = np.nan
     return summary
@@ -4076,15 +4109,9 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level
 def _verdict(row, reference: str, metric: str, label: str, level: float = 0.95) -> str:
     if math.isnan(row["lo"]):
         return f"{label} vs {reference}: {row['diff']:+.4f} {metric} on one seed; one seed gives no interval."
-    if row["gain_lo"] > 0:
-        verdict = "better, distinguishable from zero"
-    elif row["gain_hi"] < 0:
-        verdict = "worse, distinguishable from zero"
-    else:
-        verdict = "not distinguishable from zero"
     return (f"{label} vs {reference}: {row['diff']:+.4f} {metric} ({100 * level:g}% CI {row['lo']:+.4f} to "
             f"{row['hi']:+.4f}, {row['paired_seeds']} seeds; {'higher' if METRICS[metric] else 'lower'} is better): "
-            f"{verdict}.")
+            f"{VERDICTS[row['verdict']]}.")
 
 
 def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=(),
@@ -4098,30 +4125,26 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
         return f"{r[name + '_mean']:.4f} ± {r[name + '_std']:.4f}" if r["seeds"] > 1 else f"{r[name + '_mean']:.4f}"
 
     def setting(r):
-        return "".join(f" {'-' if pd.isna(r[k]) else r[k]} |" for k in keys)
+        return [r["method"], *("-" if pd.isna(r[k]) else r[k] for k in keys)]
 
-    head = "".join(f" {k} |" for k in keys)
-    lines = [header, f"| method |{head} seeds | selected after the attack started | test labels changed | "
-             f"valid best | {metric} ({'higher' if METRICS[metric] else 'lower'} is better) |",
-             "|---|" + "---|" * (len(keys) + 5)]
+    rows = []
     for _, r in summary.iterrows():
         seen = "n/a" if r["method"] == reference else f"{r['attack_seen']}/{r['seeds']}"
         changed = "n/a" if r["method"] == reference or pd.isna(r["labels_changed"]) else \
             f"{100 * r['labels_changed']:.1f}% (min {100 * r['labels_changed_min']:.1f}%)"
-        lines.append(f"| {r['method']} |{setting(r)} {r['seeds']} | {seen} | {changed} | {cell(r, 'valid_best')} | "
-                     f"{cell(r, 'score')} |")
+        rows.append(setting(r) + [r["seeds"], seen, changed, cell(r, "valid_best"), cell(r, "score")])
+    lines = [header, *markdown_table(["method", *keys, "seeds", "selected after the attack started",
+                                      "test labels changed", "valid best",
+                                      f"{metric} ({'higher' if METRICS[metric] else 'lower'} is better)"], rows)]
     lines.append(f"\nmean ± standard deviation over seeds; {metric} on the holdout (out-of-fold for kfold)"
                  + (", at the run's threshold." if metric == "f1" else "."))
     diffs = summary.dropna(subset=["diff"])
     if len(diffs):
+        rows = [setting(r) + [r["paired_seeds"], f"{r['diff']:+.4f}", "n/a" if math.isnan(r["lo"]) else
+                              f"{r['lo']:+.4f} to {r['hi']:+.4f}", f"{r['gain']:+.4f}"] for _, r in diffs.iterrows()]
         lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
-                  f"| method |{head} seeds | Δ {metric} | {100 * level:g}% CI | gain (positive is better) |",
-                  "|---|" + "---|" * (len(keys) + 4)]
-        for _, r in diffs.iterrows():
-            ci = f"{r['lo']:+.4f} to {r['hi']:+.4f}" if not math.isnan(r["lo"]) else "n/a"
-            lines.append(f"| {r['method']} |{setting(r)} {r['paired_seeds']} | {r['diff']:+.4f} | {ci} | "
-                         f"{r['gain']:+.4f} |")
-        lines.append("")
+                  *markdown_table(["method", *keys, "seeds", f"Δ {metric}", f"{100 * level:g}% CI",
+                                   "gain (positive is better)"], rows), ""]
         lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}),
                            level) for _, r in diffs.iterrows()]
     elif (summary["method"] != reference).any():
@@ -4235,18 +4258,17 @@ def plot_grid(path: Path, results: pd.DataFrame, keys, promoted=()) -> Path:
 
 
 def ensemble_submission(root: Path, runs: list[str], path: Path) -> dict:
-    """Average the test probabilities (or values) of the runs, label binary F1 at the mean of their
-    thresholds, write one submission in the runs' layout, and report how often the runs disagree
-    (labels) or how far apart they are (mean absolute difference of probabilities or values)."""
-    task, m = _run_task(root, runs[0])
-    tables = [pd.read_csv(Path(root) / r / "test_probs.csv", dtype={"id": str}, keep_default_na=False)
-              .set_index("id") for r in runs]
-    order = tables[0].index
-    preds = [task.from_table(t.loc[order]) for t in tables]
-    cuts = [read_run_record(Path(root) / r)["score"]["threshold"] for r in runs]
+    """compare --ensemble: the equal average of the runs' test predictions, read, checked and mixed as blend
+    reads, checks and mixes its members, labelled (binary F1) at the mean of their thresholds, in the runs'
+    layout; with how often the runs disagree (labels) or how far apart they are (mean absolute difference).
+    Nothing is fitted or scored: runs of several seeds lie on several splits; for runs of one split,
+    `blend` fits the weights and scores the average on the holdout."""
+    members = [blend_member(Path(root) / r, with_oof=False) for r in runs]
+    _same_task(members)
+    order, preds = member_tests(members)
+    task, cuts = members[0]["task"], [m["record"]["score"]["threshold"] for m in members]
     mean, cut = np.mean(preds, axis=0), float(np.mean(cuts))
-    write_submission(path, task, order.to_numpy(), mean, m["submission"]["id"], m["submission"]["columns"], cut,
-                     m["submission"].get("layout"))
+    write_member_submission(path, members[0], order, mean, cut)
     pairs = [(i, j) for i in range(len(runs)) for j in range(i + 1, len(runs))]
     if task.writes_labels:
         labels = [task.labels(p, c) for p, c in zip(preds, cuts)]
@@ -4395,6 +4417,28 @@ class Runner:
         return rows, left
 
 
+@dataclass
+class Study:
+    """One compare call, checked (plan_study): the methods, the seeds (a search's screen seeds) and the
+    fresh seeds a search confirms on, the grid's products and the settings they vary, the folder of the
+    runs, the reference method, the search, the methods to ensemble and the minutes it may train."""
+
+    cfg: Config
+    methods: list
+    seeds: list
+    confirm: list
+    products: list
+    keys: list
+    root: Path
+    reference: str
+    search: Search | None = None
+    ensemble: list | None = None
+    budget: float = 0.0
+
+    def items(self, seeds, phase: str = "", only=None) -> list[Item]:
+        return plan_items(self.cfg, self.methods, seeds, self.products, self.root, phase, only)
+
+
 def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None,
             grid=None, search: Search | None = None, budget: float = 0.0) -> pd.DataFrame:
     """Run every method x grid setting x seed (the same split for all runs of one seed) into
@@ -4407,10 +4451,30 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     same data; otherwise compare stops and says what differs (pass --overwrite to run it again); a run
     interrupted before it finished is resumed (cfg.resume) or started. An attacked run whose attack starts
     after a whole epoch starts from its baseline's state at that epoch (Prefix), with the same result.
-    search: screen on its seeds, then confirm the promoted settings on fresh ones (Search; `seeds` is not
-    used). budget: minutes of training this call may spend (0: no cap, -1: none, only the tables of what has
-    finished); what is left runs with the next call. ensemble: the methods whose test predictions to average
-    into ensemble_submission.csv."""
+    search: screen on its seeds, then confirm the promoted settings on fresh ones (Search, run_search;
+    `seeds` is not used). budget: minutes of training this call may spend (0: no cap, -1: none, only the
+    tables of what has finished); what is left runs with the next call. ensemble: the methods whose test
+    predictions to average into ensemble_submission.csv."""
+    study = plan_study(cfg, methods, seeds, ensemble, grid, search, budget)
+    frames = {"train": train, "test": test, "sample_submission": sample_submission}
+    runner = Runner(cfg, frames, study.root, study.keys, 60.0 * budget)
+    for item in study.items(study.seeds, "screen" if search else ""):  # every finished run checked first
+        runner.finished(item)
+    study.root.mkdir(parents=True, exist_ok=True)
+    rows, left, promoted = run_search(study, runner) if search else (*runner(study.items(study.seeds)), None)
+    text = write_report(study, pd.DataFrame(rows), promoted, left)
+    if left:
+        print(f"compare: {'--no-train' if budget < 0 else f'the budget of {budget:g} minutes is spent'} "
+              f"({runner.spent / 60:.1f} minutes of training in {runner.trained} run(s)); {len(left)} run(s) left: "
+              "run the same command with --resume to continue.")
+    else:
+        _remove(runner.prefixes)  # every run that could start from a saved clean state has finished
+    print(text)
+    return summarize(pd.DataFrame(rows), study.reference, study.keys) if rows else pd.DataFrame()
+
+
+def plan_study(cfg: Config, methods, seeds, ensemble, grid, search: Search | None, budget: float) -> Study:
+    """compare's arguments checked before anything trains, each refusal naming its flag."""
     methods = list(dict.fromkeys(methods))
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
@@ -4437,30 +4501,22 @@ def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, s
     root = Path(cfg.output_dir).expanduser()
     if root.exists() and not root.is_dir() or root.is_symlink() and not root.exists():
         raise UserError(f"compare's output_dir {root} is a file (or a broken link): choose a folder with --output-dir.")
-    frames = {"train": train, "test": test, "sample_submission": sample_submission}
-    runner = Runner(cfg, frames, root, keys, 60.0 * budget)
-    screen = plan_items(cfg, methods, seeds, products, root, "screen" if search else "")
-    for item in screen:  # every finished run's settings and data checked before any training
-        runner.finished(item)
-    root.mkdir(parents=True, exist_ok=True)
-    reference = "baseline" if "baseline" in methods else methods[0]
-    rows, left = runner(screen)
-    promoted = None  # decided once the whole screen has run
-    if search and not left:
-        promoted = promote(summarize(pd.DataFrame(rows), reference, keys), search.promote, keys)
-        record_promotions(root, search, promoted, plan_items(cfg, methods, confirm, products, root, "confirm"))
-        more, left = runner(plan_items(cfg, methods, confirm, products, root, "confirm", only=set(promoted)))
-        rows += more
-    text = write_report(root, cfg, pd.DataFrame(rows), reference, keys, seeds, ensemble, search, promoted,
-                        left, budget, products)
+    return Study(cfg, methods, seeds, confirm, products, keys, root, "baseline" if "baseline" in methods else
+                 methods[0], search, ensemble, budget)
+
+
+def run_search(study: Study, runner: Runner) -> tuple[list[dict], list[Item], list | None]:
+    """compare --search as two comparisons: the screen (every setting on the screen seeds), the promotions
+    (promote, from summarize's gains; none until the whole screen has run), then the confirmation (the
+    promoted settings and the reference runs they pair with, on the fresh seeds). Returns the rows of both,
+    the runs the budget left and the promotions."""
+    rows, left = runner(study.items(study.seeds, "screen"))
     if left:
-        print(f"compare: {'--no-train' if budget < 0 else f'the budget of {budget:g} minutes is spent'} "
-              f"({runner.spent / 60:.1f} minutes of training in {runner.trained} run(s)); {len(left)} run(s) left: "
-              "run the same command with --resume to continue.")
-    else:
-        _remove(runner.prefixes)  # every run that could start from a saved clean state has finished
-    print(text)
-    return summarize(pd.DataFrame(rows), reference, keys) if rows else pd.DataFrame()
+        return rows, left, None
+    promoted = promote(summarize(pd.DataFrame(rows), study.reference, study.keys), study.search.promote, study.keys)
+    record_promotions(study.root, study.search, promoted, study.items(study.confirm, "confirm"))
+    more, left = runner(study.items(study.confirm, "confirm", only=set(promoted)))
+    return rows + more, left, promoted
 
 
 def _seed_list(flag: str, seeds) -> list[int]:
@@ -4538,45 +4594,33 @@ def search_table(results: pd.DataFrame, reference: str, keys, search: Search, pr
             c = _of(confirmed, r["method"], setting).iloc[0]
             row.update(confirm_seeds=int(c["paired_seeds"]),
                        **{f"confirm_{n}": c[n] for n in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi")})
-        row["verdict"] = _search_verdict(row, r["method"] == reference, len(search.confirm_seeds))
+        planned = len(search.confirm_seeds)
+        row["verdict"] = ("reference" if r["method"] == reference else "not promoted" if not row["promoted"] else
+                          f"pending ({row['confirm_seeds']} of {planned} fresh seeds)" if row["confirm_seeds"] < planned
+                          else verdict(row["confirm_gain_lo"], row["confirm_gain_hi"]))
         row["minutes"] = _of(results, r["method"], setting)["seconds"].sum() / 60
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _search_verdict(row: dict, is_reference: bool, planned: int) -> str:
-    """pays (the fresh seeds' interval of the gain above zero), costs (below), undecided (spans zero); a
-    verdict only once every fresh seed has run."""
-    if is_reference:
-        return "reference"
-    if not row["promoted"]:
-        return "not promoted"
-    if row["confirm_seeds"] < planned:
-        return f"pending ({row['confirm_seeds']} of {planned} fresh seeds)"
-    if row["confirm_gain_lo"] > 0:
-        return "pays"
-    return "costs" if row["confirm_gain_hi"] < 0 else "undecided"
-
-
 def search_markdown(table: pd.DataFrame, keys, metric: str) -> str:
     """The search's decisions, one row per setting: screened, promoted, confirmed on fresh seeds, verdict."""
     level = f"{100 * table['ci_level'].iloc[0]:g}%"
-    lines = [f"| method | setting | screen seeds | screen gain | promoted | fresh seeds | Δ {metric} | gain | "
-             f"{level} CI of the gain | verdict | minutes |", "|---" * 11 + "|"]
+    rows = []
     for _, r in table.iterrows():
         reference = r["verdict"] == "reference"
         setting = ", ".join(f"{k}={r[k]}" for k in keys if touches(k, r["method"])) or "-"
-        screened = "n/a" if reference or not r["paired_seeds"] else f"{r['gain']:+.4f}"
-        cells = [r["method"], setting, str(r["seeds"]), screened,
-                 "n/a" if reference else "yes" if r["promoted"] else "no", str(r["confirm_runs"] or "-")]
+        cells = [r["method"], setting, str(r["seeds"]), "n/a" if reference or not r["paired_seeds"] else
+                 f"{r['gain']:+.4f}", "n/a" if reference else "yes" if r["promoted"] else "no",
+                 str(r["confirm_runs"] or "-")]
         if r["confirm_seeds"]:
             ci = "n/a" if math.isnan(r["confirm_lo"]) else f"{r['confirm_gain_lo']:+.4f} to {r['confirm_gain_hi']:+.4f}"
             cells += [f"{r['confirm_diff']:+.4f}", f"{r['confirm_gain']:+.4f}", ci]
         else:
             cells += ["-", "-", "-"]
-        cells += [r["verdict"], f"{r['minutes']:.1f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells + [r["verdict"], f"{r['minutes']:.1f}"])
+    return "\n".join(markdown_table(["method", "setting", "screen seeds", "screen gain", "promoted", "fresh seeds",
+                                     f"Δ {metric}", "gain", f"{level} CI of the gain", "verdict", "minutes"], rows))
 
 
 def _grid_text(products) -> str:
@@ -4585,40 +4629,47 @@ def _grid_text(products) -> str:
     return ", " + " or ".join(f"({s})" if len(said) > 1 else s for s in said) if said else ""
 
 
-def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str, keys, seeds, ensemble=None,
-                 search: Search | None = None, promoted=None, left=(), budget: float = 0.0, products=()) -> str:
-    """runs.csv, results.csv, results.md and the plots, from the finished runs alone (`left`: the runs the
-    budget left untrained); a report file an earlier call left that this one does not write is removed, so
-    that nothing stale sits beside the tables. Returns the text of results.md."""
-    written = []
-    shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model  # no machine paths
+def _report_header(study: Study, results: pd.DataFrame) -> str:
+    """What every run of the comparison shares, said once above the tables (no machine paths)."""
+    cfg, keys = study.cfg, study.keys
+    shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model
     fixed = {"epochs": f"{cfg.epochs} epochs", "batch_size": f"batch {cfg.batch_size}", "lr": f"lr {cfg.lr}",
              "adv_start": f"attack from {cfg.adv_start}", "eval_every": f"evaluation every {cfg.eval_every} epoch"}
     said = ", ".join(text for name, text in fixed.items() if name not in keys)  # the grid says the others
     split = f"split {cfg.split}" + (f" (split seed {cfg.split_seed} for every run)" if cfg.split_seed >= 0 else "")
     metric = results["metric"].iloc[0] if len(results) else cfg.metric or "the competition metric"
     where = (f"model `{shown}`, {said}, metric {metric}, {split}"
-             + ("" if search else f", seeds {', '.join(map(str, seeds))}") + _grid_text(products) + ".\n")
-    if reference != "baseline":
-        where += (f"\nNo baseline in --methods: {reference}, the first method, is the reference of the paired "
+             + ("" if study.search else f", seeds {', '.join(map(str, study.seeds))}") + _grid_text(study.products)
+             + ".\n")
+    if study.reference != "baseline":
+        where += (f"\nNo baseline in --methods: {study.reference}, the first method, is the reference of the paired "
                   "differences.\n")
+    return where
+
+
+def write_report(study: Study, results: pd.DataFrame, promoted=None, left=()) -> str:
+    """runs.csv, results.csv, results.md and the plots, from the finished runs alone (`left`: the runs the
+    budget left untrained), and the ensemble; a report file an earlier call left that this one does not write
+    is removed, so that nothing stale sits beside the tables. Returns the text of results.md."""
+    root, reference, keys, written = study.root, study.reference, study.keys, ["results.md"]
+    where = _report_header(study, results)
     if len(results):
         results = with_changed_labels(root, results, reference, keys)
     if results.empty:
         text = f"# advtrain comparison\n\n{where}\nNo run has finished yet.\n"
-    elif search is None:
+    elif study.search is None:
         text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys)
     else:
-        text = _search_report(root, results, reference, keys, search, promoted, where, written)
+        text = _search_report(study, results, promoted, where, written)
     if left:
         phases = pd.Series([i.phase or "compare" for i in left]).value_counts()
-        text += (f"\n**{'Not trained (--no-train)' if budget < 0 else 'Stopped by --budget'}**: {len(left)} run(s) "
-                 "left (" + ", ".join(f"{n} {p}" for p, n in phases.items())
+        text += (f"\n**{'Not trained (--no-train)' if study.budget < 0 else 'Stopped by --budget'}**: {len(left)} "
+                 "run(s) left (" + ", ".join(f"{n} {p}" for p, n in phases.items())
                  + "); the same command with --resume continues.\n")
     if len(results):
         atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
         written.append("runs.csv")
-        if search is None:
+        if study.search is None:
             summary = summarize(results, reference, keys)
             atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
             written.append("results.csv")
@@ -4626,30 +4677,34 @@ def write_report(root: Path, cfg: Config, results: pd.DataFrame, reference: str,
         if saved > 0:
             text += (f"\nTraining: {results['seconds'].sum() / 60:.1f} minutes for {len(results)} runs; starting the "
                      f"attacked runs from their baseline's clean epochs saved {saved:.1f} minutes.\n")
-        if ensemble:
-            runs = [r for r, m in zip(results["run"], results["method"]) if m in ensemble]
-            info = ensemble_submission(root, runs, root / "ensemble_submission.csv")
-            written.append("ensemble_submission.csv")
-            apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
-                     if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
-                     "(mean absolute difference of their test predictions)")
-            text += (f"\nEnsemble of {', '.join(ensemble)} over {results['seed'].nunique()} seed(s) ({len(runs)} "
-                     f"runs): ensemble_submission.csv; {apart}.\n")
-        shown_runs = results[results["phase"] != "confirm"] if search else results
+        if study.ensemble:
+            text += _ensemble_report(study, results, written)
+        shown_runs = results[results["phase"] != "confirm"] if study.search else results
         written += [p.name for p in plot_results(root, shown_runs, keys, promoted or ())]
     atomic_write(root / "results.md", lambda tmp: Path(tmp).write_text(text))
-    written.append("results.md")
     for name in REPORT_FILES:
         if name not in written:
             (root / name).unlink(missing_ok=True)
     return text
 
 
-def _search_report(root: Path, results: pd.DataFrame, reference: str, keys, search: Search, promoted, where: str,
-                   written: list) -> str:
+def _ensemble_report(study: Study, results: pd.DataFrame, written: list) -> str:
+    """ensemble_submission.csv of the --ensemble methods' runs, and the line results.md says of it."""
+    runs = [r for r, m in zip(results["run"], results["method"]) if m in study.ensemble]
+    info = ensemble_submission(study.root, runs, study.root / "ensemble_submission.csv")
+    written.append("ensemble_submission.csv")
+    apart = (f"runs disagree on {100 * info['mean_pairwise_difference']:.1f}% of test rows on average"
+             if info["labels"] else f"runs differ by {info['mean_pairwise_difference']:.4f} on average "
+             "(mean absolute difference of their test predictions)")
+    return (f"\nEnsemble of {', '.join(study.ensemble)} over {results['seed'].nunique()} seed(s) ({len(runs)} runs): "
+            f"ensemble_submission.csv; {apart}.\n")
+
+
+def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, written: list) -> str:
     """results.md and results.csv of a search."""
+    search, reference, keys = study.search, study.reference, study.keys
     table = search_table(results, reference, keys, search, promoted or ())
-    atomic_write(root / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write(study.root / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
     written.append("results.csv")
     metric, k = results["metric"].iloc[0], max(len(promoted or ()), 1)
     screen = results[results["phase"] == "screen"]

@@ -2494,12 +2494,124 @@ def compile_blocks(model: nn.Module, enabled: bool):
 # ---------------------------------------------------------------------------------------------
 
 
+class _AdversarialSteps:
+    """What AdversarialTrainer adds to transformers.Trainer (it is built as (_AdversarialSteps, Trainer) when
+    first asked for, since Trainer needs accelerate): the attack's training step, the task's loss, and the
+    checks of its arguments. Every super() call here is Trainer's."""
+
+    def __init__(self, *args, attack=None, adv_start: float | str = 0.0, task=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        inner = getattr(self.model, "module", self.model)
+        outputs = inner.head.out_features if isinstance(inner, Classifier) else getattr(
+            getattr(inner, "config", None), "num_labels", None)
+        if task is not None and not isinstance(task, Task):
+            task = Task.of_kind(task, outputs or 1)
+        if task is not None and outputs and task.num_outputs != outputs:
+            raise ValueError(f"task {task.kind} with {task.num_outputs} output(s) does not fit the model's "
+                             f"{outputs}: build the model with num_labels={task.num_outputs}")
+        if attack is not None and not callable(getattr(attack, "backward", None)):
+            raise ValueError(f"attack must be an advtrain attack (FGM, PGD, FreeLB, AWP, SiFT), got "
+                             f"{type(attack).__name__}")
+        self.attack, self.adv_start, self.task = attack, self._start(adv_start), task
+        epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
+        if attack is not None and epochs and self.adv_start != "warmup" and self.adv_start >= epochs:
+            raise ValueError(f"adv_start {self.adv_start:g} is at or after the end of training "
+                             f"(num_train_epochs={epochs:g}): the attack would never run; start it earlier")
+        if task is not None:  # task.loss is a mean over the batch: Trainer divides it for accumulation
+            self.model_accepts_loss_kwargs = False
+        if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
+            self.label_names = ["labels"]  # its forward takes no labels: keep the column anyway
+        if attack is not None and self.args.n_gpu > 1:
+            raise ValueError("AdversarialTrainer runs one process per GPU: launch with torchrun, not "
+                             "DataParallel (set CUDA_VISIBLE_DEVICES to one GPU or use torchrun)")
+
+    @staticmethod
+    def _start(adv_start):
+        """adv_start as an epoch (a number, or a numeric text as Config writes it) or "warmup"."""
+        if adv_start == "warmup":
+            return adv_start
+        if adv_start == "auto":
+            raise ValueError("adv_start='auto' watches advtrain's own evaluations, which Trainer does not "
+                             "make: give an epoch (0, 1, 0.5) or 'warmup'")
+        if isinstance(adv_start, bool) or not _is_number(adv_start, minimum=0):
+            raise ValueError(f"adv_start must be an epoch >= 0 (such as 1 or 0.5) or 'warmup', got {adv_start!r}")
+        return float(adv_start)
+
+    def _attacking(self) -> bool:
+        if self.attack is None:
+            return False
+        if self.adv_start == "warmup":
+            return self.state.global_step >= self.args.get_warmup_steps(self.state.max_steps)
+        return (self.state.epoch or 0.0) >= self.adv_start
+
+    def _closures(self, model, inputs, num_items_in_batch):
+        """(forward, loss_fn) for this batch, as the attacks take them."""
+        inner = getattr(model, "module", model)
+        if self.task is not None and not isinstance(inner, Classifier):
+            labels = inputs["labels"]
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            return (lambda: model(**features),
+                    lambda out: self.task.loss(out["logits"] if isinstance(out, dict) else out.logits, labels))
+        if isinstance(inner, Classifier):
+            labels = inputs["labels"]
+            features = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+            return lambda: model(**features), lambda logits: self._classifier_loss(logits, labels)
+        if self.compute_loss_func is not None:
+            labels = inputs["labels"]
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            return (lambda: model(**features),
+                    lambda out: self.compute_loss_func(out, labels, num_items_in_batch=num_items_in_batch))
+        extra = {"num_items_in_batch": num_items_in_batch} if (
+            self.model_accepts_loss_kwargs and num_items_in_batch is not None) else {}
+        return lambda: model(**inputs, **extra), lambda out: out["loss"]
+
+    def _classifier_loss(self, logits, labels):
+        if self.task is not None:
+            return self.task.loss(logits, labels)
+        logits = logits.float()
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(-1), labels.float().reshape(len(logits)))
+        if not labels.is_floating_point():
+            return F.cross_entropy(logits, labels)
+        return F.binary_cross_entropy_with_logits(logits, labels)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        classifier = isinstance(getattr(model, "module", model), Classifier)
+        if not classifier and self.task is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
+        out = forward()
+        loss = loss_fn(out)
+        return (loss, {"logits": out} if classifier else out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        if not self._attacking():
+            return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        if str(self.accelerator.distributed_type).endswith("DEEPSPEED"):
+            raise ValueError("advtrain attacks call backward themselves; DeepSpeed is not supported")
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        scaled_already = self.task is None and ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                                                or self.compute_loss_func is not None)
+        accumulation = 1 if scaled_already else getattr(self, "current_gradient_accumulation_steps",
+                                                        self.args.gradient_accumulation_steps)
+        accumulation *= self.accelerator.gradient_accumulation_steps  # 1 where Trainer divides itself
+        forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
+        with self.compute_loss_context_manager():
+            loss = self.attack.backward(forward, loss_fn, scaler=self.accelerator.scaler,
+                                        accumulation_steps=accumulation)
+        return loss / accumulation
+
+
 def _build_adversarial_trainer():
     """transformers.Trainer needs accelerate; build the subclass only when it is asked for, so that
     advtrain itself imports where accelerate is missing."""
     from transformers import Trainer
 
-    class AdversarialTrainer(Trainer):
+    class AdversarialTrainer(_AdversarialSteps, Trainer):
         """transformers.Trainer that runs an advtrain attack in every training step.
 
             trainer = advtrain.AdversarialTrainer(model=model, args=args, train_dataset=ds,
@@ -2516,112 +2628,6 @@ def _build_adversarial_trainer():
         .loss/.logits, following the head's problem_type; compute_loss_func is honoured) and an
         advtrain.Classifier transformers' rule for a head without problem_type: one output MSE, integer
         labels cross-entropy, float labels BCE. Arguments are checked here, not at the first step."""
-
-        def __init__(self, *args, attack=None, adv_start: float | str = 0.0, task=None, **kwargs):
-            super().__init__(*args, **kwargs)
-            inner = getattr(self.model, "module", self.model)
-            outputs = inner.head.out_features if isinstance(inner, Classifier) else getattr(
-                getattr(inner, "config", None), "num_labels", None)
-            if task is not None and not isinstance(task, Task):
-                task = Task.of_kind(task, outputs or 1)
-            if task is not None and outputs and task.num_outputs != outputs:
-                raise ValueError(f"task {task.kind} with {task.num_outputs} output(s) does not fit the model's "
-                                 f"{outputs}: build the model with num_labels={task.num_outputs}")
-            if attack is not None and not callable(getattr(attack, "backward", None)):
-                raise ValueError(f"attack must be an advtrain attack (FGM, PGD, FreeLB, AWP, SiFT), got "
-                                 f"{type(attack).__name__}")
-            self.attack, self.adv_start, self.task = attack, self._start(adv_start), task
-            epochs = self.args.num_train_epochs if self.args.max_steps <= 0 else None
-            if attack is not None and epochs and self.adv_start != "warmup" and self.adv_start >= epochs:
-                raise ValueError(f"adv_start {self.adv_start:g} is at or after the end of training "
-                                 f"(num_train_epochs={epochs:g}): the attack would never run; start it earlier")
-            if task is not None:  # task.loss is a mean over the batch: Trainer divides it for accumulation
-                self.model_accepts_loss_kwargs = False
-            if isinstance(getattr(self.model, "module", self.model), Classifier) and self.args.label_names is None:
-                self.label_names = ["labels"]  # its forward takes no labels: keep the column anyway
-            if attack is not None and self.args.n_gpu > 1:
-                raise ValueError("AdversarialTrainer runs one process per GPU: launch with torchrun, not "
-                                 "DataParallel (set CUDA_VISIBLE_DEVICES to one GPU or use torchrun)")
-
-        @staticmethod
-        def _start(adv_start):
-            """adv_start as an epoch (a number, or a numeric text as Config writes it) or "warmup"."""
-            if adv_start == "warmup":
-                return adv_start
-            if adv_start == "auto":
-                raise ValueError("adv_start='auto' watches advtrain's own evaluations, which Trainer does not "
-                                 "make: give an epoch (0, 1, 0.5) or 'warmup'")
-            if isinstance(adv_start, bool) or not _is_number(adv_start, minimum=0):
-                raise ValueError(f"adv_start must be an epoch >= 0 (such as 1 or 0.5) or 'warmup', got {adv_start!r}")
-            return float(adv_start)
-
-        def _attacking(self) -> bool:
-            if self.attack is None:
-                return False
-            if self.adv_start == "warmup":
-                return self.state.global_step >= self.args.get_warmup_steps(self.state.max_steps)
-            return (self.state.epoch or 0.0) >= self.adv_start
-
-        def _closures(self, model, inputs, num_items_in_batch):
-            """(forward, loss_fn) for this batch, as the attacks take them."""
-            inner = getattr(model, "module", model)
-            if self.task is not None and not isinstance(inner, Classifier):
-                labels = inputs["labels"]
-                features = {k: v for k, v in inputs.items() if k != "labels"}
-                return (lambda: model(**features),
-                        lambda out: self.task.loss(out["logits"] if isinstance(out, dict) else out.logits, labels))
-            if isinstance(inner, Classifier):
-                labels = inputs["labels"]
-                features = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
-                return lambda: model(**features), lambda logits: self._classifier_loss(logits, labels)
-            if self.compute_loss_func is not None:
-                labels = inputs["labels"]
-                features = {k: v for k, v in inputs.items() if k != "labels"}
-                return (lambda: model(**features),
-                        lambda out: self.compute_loss_func(out, labels, num_items_in_batch=num_items_in_batch))
-            extra = {"num_items_in_batch": num_items_in_batch} if (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None) else {}
-            return lambda: model(**inputs, **extra), lambda out: out["loss"]
-
-        def _classifier_loss(self, logits, labels):
-            if self.task is not None:
-                return self.task.loss(logits, labels)
-            logits = logits.float()
-            if logits.shape[-1] == 1:
-                return F.mse_loss(logits.squeeze(-1), labels.float().reshape(len(logits)))
-            if not labels.is_floating_point():
-                return F.cross_entropy(logits, labels)
-            return F.binary_cross_entropy_with_logits(logits, labels)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            classifier = isinstance(getattr(model, "module", model), Classifier)
-            if not classifier and self.task is None:
-                return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                            num_items_in_batch=num_items_in_batch)
-            forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
-            out = forward()
-            loss = loss_fn(out)
-            return (loss, {"logits": out} if classifier else out) if return_outputs else loss
-
-        def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
-            if not self._attacking():
-                return super().training_step(model, inputs, num_items_in_batch, *args, **kwargs)
-            if str(self.accelerator.distributed_type).endswith("DEEPSPEED"):
-                raise ValueError("advtrain attacks call backward themselves; DeepSpeed is not supported")
-            model.train()
-            if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
-                self.optimizer.train()
-            inputs = self._prepare_inputs(inputs)
-            scaled_already = self.task is None and ((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                                                    or self.compute_loss_func is not None)
-            accumulation = 1 if scaled_already else getattr(self, "current_gradient_accumulation_steps",
-                                                            self.args.gradient_accumulation_steps)
-            accumulation *= self.accelerator.gradient_accumulation_steps  # 1 where Trainer divides itself
-            forward, loss_fn = self._closures(model, inputs, num_items_in_batch)
-            with self.compute_loss_context_manager():
-                loss = self.attack.backward(forward, loss_fn, scaler=self.accelerator.scaler,
-                                            accumulation_steps=accumulation)
-            return loss / accumulation
 
     return AdversarialTrainer
 
@@ -2826,6 +2832,12 @@ def vocabulary_digest(tokenizer) -> str:
 
     items = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha1(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
+def shown_model(name: str) -> str:
+    """A model as a report or a table names it: a local folder by its last two parts, never by the machine's
+    full path (which tools/studies.py scrubs from committed records); a hub name as it is."""
+    return "/".join(Path(name).parts[-2:]) if Path(name).is_dir() else name
 
 
 def run_inputs(tables: dict, model_path: str) -> dict:
@@ -3299,20 +3311,12 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path, pr
     key = clean_key(requested, data["inputs"])
 
     def checkpoint(current):
-        if rank() > 0:
-            return
         state = {"advtrain": __version__, "config": dataclasses.asdict(requested), "inputs": data["inputs"],
                  "completed": completed, "current": current}
         shared = prefix is not None and current is not None and current["epoch"] in prefix.save
-        for path, content in [(out / CHECKPOINT, state)] + ([(prefix.path(key, current["fold"], current["epoch"]),
-                                                              {"key": key, "state": current})] if shared else []):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp: torch.save(content, tmp))
-            except (OSError, RuntimeError) as e:
-                lost = "it cannot resume" if path.name == CHECKPOINT else "the runs that share its epochs train them"
-                log.warning(f"{path.name} not saved ({str(e).splitlines()[0]}): this run goes on, but {lost} from "
-                            "this point; free some disk space")
+        if rank() == 0:
+            save_states([(out / CHECKPOINT, state)] + ([(prefix.path(key, current["fold"], current["epoch"]),
+                                                         {"key": key, "state": current})] if shared else []))
 
     activate = task.activate
     for k, (tr, va, ho) in enumerate(folds):
@@ -3347,6 +3351,19 @@ def train_folds(cfg: Config, data: dict, folds, device, amp_dtype, out: Path, pr
     results = [c["result"] for c in completed]
     test_pred = np.mean([c["test"] for c in completed], axis=0)
     return results, [p for c in completed for p in c["parts"]], test_pred
+
+
+def save_states(states) -> None:
+    """Write each (path, training state) atomically; one that cannot be written (a full disk) costs that
+    file, with a warning, never the run."""
+    for path, content in states:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: torch.save(content, tmp))
+        except (OSError, RuntimeError) as e:
+            lost = "it cannot resume" if path.name == CHECKPOINT else "the runs that share its epochs train them"
+            log.warning(f"{path.name} not saved ({str(e).splitlines()[0]}): this run goes on, but {lost} from "
+                        "this point; free some disk space")
 
 
 def load_checkpoint(path: Path, cfg: Config, data: dict) -> dict:
@@ -3547,6 +3564,30 @@ def load_saved_model(folder: Path):
     return model, load_tokenizer(str(folder)), info
 
 
+def saved_model_predictions(folder: Path, task: Task, test: pd.DataFrame, run_cfg: Config, batch_size: int, dev,
+                            amp_dtype, progress: bool) -> tuple[np.ndarray, tuple[float, float]]:
+    """One saved model's predictions of the test table, fed its texts as its run was trained, and the seconds
+    it took to load and to predict. A model folder that does not belong to its run (another number of
+    outputs, a tokenizer of another vocabulary) is refused."""
+    tick = time.perf_counter()
+    with transformers_bars(progress):
+        model, tokenizer, info = load_saved_model(folder)
+    if info["num_labels"] != task.num_outputs:
+        raise UserError(f"{folder} has {info['num_labels']} output(s), but its run's {task.kind} task needs "
+                        f"{task.num_outputs}: the model folder belongs to another run; copy the run's own.")
+    if "vocabulary" in info and info["vocabulary"] != vocabulary_digest(tokenizer):
+        raise UserError(f"{folder}'s tokenizer is not the one the model was trained with ({len(tokenizer)} tokens, "
+                        "another vocabulary): the tokenizer files belong to another model; copy the run's own.")
+    model.to(dev)
+    tock = time.perf_counter()
+    texts = input_texts(test, run_cfg, tokenizer.sep_token)
+    ids = tokenize(tokenizer, texts[0], info["max_len"], texts[1])
+    check_tokenizer(tokenizer, model.backbone.config, ids, str(folder))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pred = predict_proba(model, ids, batch_size, pad_id, dev, amp_dtype, task.activate)
+    return pred, (tock - tick, time.perf_counter() - tock)
+
+
 def saved_run(folder: Path) -> dict:
     """What a run folder holds for prediction: its metrics.json (settings, task, submission layout,
     threshold) and its model folders (one per fold)."""
@@ -3592,6 +3633,17 @@ def _same_task(runs: list[dict], verb: str = "average") -> None:
                                 f"{first['dir']} ({a}): {verb} only runs of one task.")
 
 
+def run_weights(weights, n: int) -> list[float]:
+    """predict's weights, one finite non-negative number per run, not all zero (equal when none are given)."""
+    try:
+        weights = [1.0] * n if weights is None or not len(weights) else [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise UserError(f"weights must be numbers, one per run; got {weights}.") from None
+    if len(weights) != n or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
+        raise UserError(f"--weights takes one finite non-negative number per run ({n}), not all zero; got {weights}.")
+    return weights
+
+
 def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", weights=None, batch_size: int = 0,
             device: str = "auto", amp: str = "auto", overwrite: bool = False, progress: bool = True,
             test: pd.DataFrame | None = None, sample_submission: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -3603,13 +3655,7 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
     if not runs:
         raise UserError("predict needs at least one run folder (--runs DIR[,DIR...]).")
     _same_task(runs)
-    try:
-        weights = [1.0] * len(runs) if weights is None or not len(weights) else [float(w) for w in weights]
-    except (TypeError, ValueError):
-        raise UserError(f"weights must be numbers, one per run; got {weights}.") from None
-    if len(weights) != len(runs) or not all(map(math.isfinite, weights)) or min(weights) < 0 or sum(weights) <= 0:
-        raise UserError(f"--weights takes one finite non-negative number per run ({len(runs)}), not all zero; got "
-                        f"{weights}.")
+    weights = run_weights(weights, len(runs))
     if batch_size < 0:
         raise UserError(f"--batch-size must be positive (0: each run's eval batch size), got {batch_size}.")
     configs = [Config(**{k: r["metrics"]["config"][k] for k in ("text_cols", "target_cols", "id_col", "use_keyword",
@@ -3635,29 +3681,11 @@ def predict(runs, data_dir: str = "", output_dir: str = "submissions/predict", w
                dynamic_ncols=True)
     for run_info, weight, run_cfg in zip(runs, weights, configs):
         for folder in run_info["models"]:
-            tick = time.perf_counter()
-            with transformers_bars(progress):
-                model, tokenizer, info = load_saved_model(folder)
-            if info["num_labels"] != task.num_outputs:
-                raise UserError(f"{folder} has {info['num_labels']} output(s), but its run's {task.kind} task needs "
-                                f"{task.num_outputs}: the model folder belongs to another run; copy the run's own.")
-            if "vocabulary" in info and info["vocabulary"] != vocabulary_digest(tokenizer):
-                raise UserError(f"{folder}'s tokenizer is not the one the model was trained with ({len(tokenizer)} "
-                                "tokens, another vocabulary): the tokenizer files belong to another model; copy the "
-                                "run's own.")
-            model.to(dev)
-            tock = time.perf_counter()
-            loading += tock - tick
-            texts = input_texts(side["test"], run_cfg, tokenizer.sep_token)
-            ids = tokenize(tokenizer, texts[0], info["max_len"], texts[1])
-            check_tokenizer(tokenizer, model.backbone.config, ids, str(folder))
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            size = batch_size or run_info["metrics"]["config"]["eval_batch_size"]
-            pred = predict_proba(model, ids, size, pad_id, dev, amp_dtype, task.activate)
-            predicting += time.perf_counter() - tock
+            pred, seconds = saved_model_predictions(folder, task, side["test"], run_cfg, batch_size or run_info[
+                "metrics"]["config"]["eval_batch_size"], dev, amp_dtype, progress)
+            loading, predicting = loading + seconds[0], predicting + seconds[1]
             total += weight / sum(weights) / len(run_info["models"]) * pred.astype(np.float64)
-            bar.update(len(ids))
-            del model
+            bar.update(len(pred))
     bar.close()
     threshold = float(np.average([r["metrics"]["score"]["threshold"] for r in runs], weights=weights))
     stage = fresh_stage(out, "predict")
@@ -4632,7 +4660,7 @@ def _grid_text(products) -> str:
 def _report_header(study: Study, results: pd.DataFrame) -> str:
     """What every run of the comparison shares, said once above the tables (no machine paths)."""
     cfg, keys = study.cfg, study.keys
-    shown = "/".join(Path(cfg.model).parts[-2:]) if Path(cfg.model).is_dir() else cfg.model
+    shown = shown_model(cfg.model)
     fixed = {"epochs": f"{cfg.epochs} epochs", "batch_size": f"batch {cfg.batch_size}", "lr": f"lr {cfg.lr}",
              "adv_start": f"attack from {cfg.adv_start}", "eval_every": f"evaluation every {cfg.eval_every} epoch"}
     said = ", ".join(text for name, text in fixed.items() if name not in keys)  # the grid says the others
@@ -4958,6 +4986,25 @@ def _seeds(flag: str, text: str) -> list[int]:
     return [int(s) for s in seeds]
 
 
+def compare_from_args(args: argparse.Namespace) -> None:
+    """The compare command: its own flags checked, then compare()."""
+    if "method" in vars(args):
+        raise UserError("compare runs every method of --methods (comma-separated, e.g. --methods baseline,fgm); "
+                        "--method is for train.")
+    cfg = config_from_args(args, {"output_dir": "submissions/compare"})
+    if args.search and args.seeds is not None:
+        raise UserError("--search runs --screen-seeds, then --confirm-seeds; --seeds is for compare alone.")
+    if args.budget < 0:
+        raise UserError(f"--budget is minutes of training (0: no cap), got {args.budget:g}; --no-train trains "
+                        "nothing and writes the tables.")
+    seeds, screen, confirm = (_seeds(flag, default if value is None else value) for flag, value, default in (
+        ("--seeds", args.seeds, "42,43,44"), ("--screen-seeds", args.screen_seeds, ""),
+        ("--confirm-seeds", args.confirm_seeds, "")))
+    search = Search(screen, confirm, args.promote) if args.search else None
+    compare(cfg, [m for m in split_names(args.methods) if m], seeds, [m for m in split_names(args.ensemble) if m]
+            or None, grid=parse_grids(args.grid), search=search, budget=-1 if args.no_train else args.budget)
+
+
 def _terminate(signum, frame):
     raise Interrupted(signum)
 
@@ -4979,22 +5026,7 @@ def main(argv=None) -> int:
         elif args.command == "demo":
             demo(**{k: v for k, v in vars(args).items() if k != "command"})
         elif args.command == "compare":
-            if "method" in vars(args):
-                raise UserError("compare runs every method of --methods (comma-separated, e.g. --methods "
-                                "baseline,fgm); --method is for train.")
-            cfg = config_from_args(args, {"output_dir": "submissions/compare"})
-            if args.search and args.seeds is not None:
-                raise UserError("--search runs --screen-seeds, then --confirm-seeds; --seeds is for compare alone.")
-            if args.budget < 0:
-                raise UserError(f"--budget is minutes of training (0: no cap), got {args.budget:g}; --no-train trains "
-                                "nothing and writes the tables.")
-            seeds, screen, confirm = (_seeds(flag, default if value is None else value) for flag, value, default in (
-                ("--seeds", args.seeds, "42,43,44"), ("--screen-seeds", args.screen_seeds, ""),
-                ("--confirm-seeds", args.confirm_seeds, "")))
-            search = Search(screen, confirm, args.promote) if args.search else None
-            compare(cfg, [m for m in split_names(args.methods) if m], seeds,
-                    [m for m in split_names(args.ensemble) if m] or None, grid=parse_grids(args.grid), search=search,
-                    budget=-1 if args.no_train else args.budget)
+            compare_from_args(args)
         elif args.command == "predict":
             weights = [w for w in split_names(args.weights) if w]
             if not all(_is_number(w, minimum=0) for w in weights):

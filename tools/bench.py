@@ -25,7 +25,7 @@ from advtrain import (DISASTER_TWEETS, METHODS, Classifier, Collator, Config, Us
                       build_scheduler, compile_blocks, describe_device, load_competition,
                       load_tokenizer, make_attack, make_demo_data, make_loader, make_tiny_model, micro_step,
                       model_max_len, optimizer_step, predict_proba, resolve_amp, resolve_device,
-                      resolve_model, tokenize, versions, write_json, write_submission)
+                      resolve_model, shown_model, tokenize, versions, write_json, write_submission)
 
 
 # microsoft/deberta-v3-xsmall's config.json, so that its architecture can be timed without a download.
@@ -60,7 +60,7 @@ def bench_model(name: str, texts, workdir: Path):
         backbone = transformers.AutoModel.from_config(config)
         return Classifier(backbone), tokenizer, "deberta-v3-xsmall architecture, random weights"
     path = resolve_model(name)  # a local folder is named by its last parts, never by the machine's full path
-    short = "/".join(Path(name).parts[-2:]) if Path(name).is_dir() else name
+    short = shown_model(name)
     return Classifier.from_pretrained(path), load_tokenizer(path), short
 
 

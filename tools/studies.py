@@ -225,29 +225,28 @@ def blend_table(name: str) -> str:
     if not done:
         return f"{caption}\n\nNo blend has been made yet: `python tools/studies.py run {name}`.\n"
     metric, higher = done[0]["metric"], done[0]["higher_is_better"]
-    sign = 1 if higher else -1
-    lines = [caption, "", f"| blend | pair | members (fitted weight) | members' {metric} | equal | fitted blend |",
-             "|---|---|---|---|---|---|"]
-    for kind, infos in made.items():
-        for i, info in enumerate(infos):
-            if info:
-                weights, scores = info["weights"], info["scores"]
-                shown = ", ".join(f"{m} ({w:.2f})" for m, w in weights.items())
-                alone = " / ".join(f"{scores[m]:.4f}" for m in weights)
-                lines.append(f"| {kind} | {i + 1} | {shown} | {alone} | {scores['equal']:.4f} | "
-                             f"{scores['blend']:.4f} |")
-    lines += ["", f"{metric} on each pair's holdout ({'higher' if higher else 'lower'} is better). Paired gains "
-              f"(positive: the first is better, in {metric}'s own direction):", "",
-              "| comparison | pairs | mean gain | 95% CI | better in |", "|---|---|---|---|---|"]
+    rows = [[kind, i + 1, ", ".join(f"{m} ({w:.2f})" for m, w in info["weights"].items()),
+             " / ".join(f"{info['scores'][m]:.4f}" for m in info["weights"]), f"{info['scores']['equal']:.4f}",
+             f"{info['scores']['blend']:.4f}"] for kind, infos in made.items() for i, info in enumerate(infos) if info]
+    lines = [caption, "", *advtrain.markdown_table(["blend", "pair", "members (fitted weight)", f"members' {metric}",
+                                                    "equal", "fitted blend"], rows),
+             "", f"{metric} on each pair's holdout ({'higher' if higher else 'lower'} is better). Paired gains "
+             f"(positive: the first is better, in {metric}'s own direction):", ""]
+    rows = []
     for a_kind, a_key, b_kind, b_key in comparisons:
         both = [(a, b) for a, b in zip(made[a_kind], made[b_kind]) if a and b]
-        gains = [sign * (_score(a, a_key) - _score(b, b_key)) for a, b in both]
-        if not gains:
+        if not both:
             continue
-        mean, lo, hi = advtrain.paired_interval(gains)
-        ci = "n/a" if len(gains) < 2 else f"{lo:+.4f} to {hi:+.4f}"
-        lines.append(f"| {_said(a_kind, a_key)} vs {_said(b_kind, b_key)} | {len(gains)} | {mean:+.4f} | {ci} | "
-                     f"{sum(g > 0 for g in gains)} of {len(gains)} |")
+        first, second = _said(a_kind, a_key), _said(b_kind, b_key)
+        runs = pd.DataFrame([{"method": name, "seed": i, "run": f"{name} {i}", "score": _score(info, key),
+                              "metric": metric, "higher_is_better": higher, "valid_best": float("nan"),
+                              "attack_seen": False}
+                             for i, pair in enumerate(both) for name, info, key in zip((first, second), pair,
+                                                                                      (a_key, b_key))])
+        s = advtrain.summarize(runs, second).set_index("method").loc[first]  # paired by pair, as runs by seed
+        ci = "n/a" if len(both) < 2 else f"{s['gain_lo']:+.4f} to {s['gain_hi']:+.4f}"
+        rows.append([f"{first} vs {second}", len(both), f"{s['gain']:+.4f}", ci, f"{int(s['better'])} of {len(both)}"])
+    lines += advtrain.markdown_table(["comparison", "pairs", "mean gain", "95% CI", "better in"], rows)
     return "\n".join(lines) + "\n"
 
 

@@ -130,6 +130,12 @@ class Config:
     eval_batch_size: int = _opt(128, "batch size for validation and prediction")
     grad_accum: int = _opt(1, "micro-batches per optimizer step")
     lr: float = _opt(3e-5, "peak learning rate (AdamW)")
+    llrd: float = _opt(1.0, "layer-wise learning-rate decay: the head trains at lr, each encoder layer below it at "
+                       "this factor of the one above, the embeddings last (CommonLit and Feedback Prize solutions use "
+                       "0.8-0.95); 1 = off")
+    ema: float = _opt(0.0, "exponential moving average of the weights with this decay (0.99-0.999 in Kaggle "
+                      "solutions), warmed up over the first steps; evaluation, selection, the saved model and "
+                      "predict use the averaged weights; 0 = off")
     weight_decay: float = _opt(0.01, "AdamW weight decay, not applied to biases and LayerNorm weights")
     warmup: float = _opt(0.1, "fraction of the optimizer steps spent warming up linearly")
     scheduler: str = _opt("cosine", "learning-rate decay after warmup", ("cosine", "linear", "constant"))
@@ -230,6 +236,10 @@ class Config:
             raise UserError(f"dropout is a probability in [0, 1), got {self.dropout}.")
         if not 0 <= self.warmup < 1:
             raise UserError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}.")
+        if not 0 < self.llrd <= 1:
+            raise UserError(f"llrd is a factor per layer in (0, 1] (1 = off), got {self.llrd}.")
+        if not 0 <= self.ema < 1:
+            raise UserError(f"ema is a decay in [0, 1) (0 = off; 0.999 is usual), got {self.ema}.")
         for name in ("holdout_size", "valid_size"):
             value = getattr(self, name)
             if self.split == "holdout" and (value <= 0 or (value >= 1 and value != int(value))):
@@ -2065,13 +2075,31 @@ def resolve_amp(amp: str, device: torch.device):
     return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
+def layer_depths(model: nn.Module) -> dict[str, int]:
+    """Each parameter's depth below the head, for layer-wise learning-rate decay: 0 for the head (what is
+    outside the encoder's layers and embeddings), 1 for the top layer of the encoder (and its shared
+    parts), L for the lowest of L layers, L + 1 for the embeddings (word, position, relative)."""
+    names = [n for n, _ in model.named_parameters()]
+    index = {n: int(m.group(1)) for n in names if (m := re.search(r"\.layers?\.(\d+)\.", n))}
+    top = max(index.values(), default=-1) + 1
+    return {n: top - index[n] if n in index else top + 1 if "embeddings" in n else
+            1 if n.startswith(("backbone.", "module.backbone.")) else 0 for n in names}
+
+
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """torch AdamW (transformers.AdamW is gone in v5); no weight decay on biases and LayerNorm weights."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """torch AdamW (transformers.AdamW is gone in v5); no weight decay on biases and LayerNorm weights. With
+    llrd < 1, one pair of groups per depth (layer_depths), each at lr * llrd ** depth: the pre-trained lower
+    layers move less than the head (Howard & Ruder 2018, ULMFiT; Sun et al. 2019)."""
+    depths = layer_depths(model) if cfg.llrd < 1 else {}
+    groups = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            depth = depths.get(name, 0)
+            decay = cfg.weight_decay if p.ndim >= 2 else 0.0
+            groups.setdefault((depth, decay), {"params": [], "weight_decay": decay,
+                                               "lr": cfg.lr * cfg.llrd ** depth})["params"].append(p)
     kernel = {"fused": True} if cfg.fused_adamw else {"foreach": False}
-    return torch.optim.AdamW(groups, lr=cfg.lr, **(kernel if device.type == "cuda" else {}))
+    return torch.optim.AdamW(list(groups.values()), lr=cfg.lr, **(kernel if device.type == "cuda" else {}))
 
 
 def build_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int):
@@ -2220,6 +2248,45 @@ def predict_proba(model, ids, batch_size: int, pad_id: int, device, amp_dtype=No
     return probs
 
 
+class WeightAverage:
+    """An exponential moving average of a model's weights, updated after every optimizer step:
+    avg = d * avg + (1 - d) * weights, with d = min(decay, (1 + t) / (10 + t)) at the t-th update (t from 1),
+    so that the first steps' weights do not linger (TensorFlow's ExponentialMovingAverage with num_updates).
+    Floating-point parameters and buffers are averaged; the others (counters) copied. `applied` puts the
+    average in the model for the duration (evaluation, selection), then the trained weights back."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.average[k].mul_(d).add_(v.detach(), alpha=1 - d)
+            else:
+                self.average[k].copy_(v)
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.average)
+        try:
+            yield
+        finally:
+            model.load_state_dict(trained)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "average": self.average}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = state["updates"]
+        for k, v in state["average"].items():
+            self.average[k].copy_(v)
+
+
 class Selection:
     """Every evaluation of one fold, and the best one's weights (on the CPU) and validation predictions.
     The best is picked by `metric` in its own direction (lower is better for rmse, logloss, mcrmse)."""
@@ -2271,6 +2338,7 @@ class FoldTraining:
         self.optimizer = build_optimizer(model, cfg, device)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, warmup_steps, total_steps)
         self.scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        self.average = WeightAverage(model, cfg.ema) if cfg.ema > 0 else None
         self.wrapped = model
         if world_size() > 1:  # one process per GPU; DDP averages the gradients of the step's last backward
             self.wrapped = nn.parallel.DistributedDataParallel(
@@ -2301,7 +2369,7 @@ class FoldTraining:
                 "adv_started": self.adv_started, "adv_steps": self.adv_steps,
                 "train_seconds": self.train_seconds, "eval_seconds": self.eval_seconds,
                 "skipped": int(self.attack.skipped), "scaler_skips": self.scaler_skips, "fork": self.forked,
-                "rng": rng_state()}
+                "average": self.average.state_dict() if self.average else None, "rng": rng_state()}
 
     def restore(self, saved: dict, fork: bool = False):
         """Continue from a state: this run's own after an interruption, or (fork) its baseline's after the last
@@ -2321,6 +2389,8 @@ class FoldTraining:
         self.train_seconds, self.eval_seconds = saved["train_seconds"], saved["eval_seconds"]
         self.attack.skipped = torch.tensor(saved["skipped"])
         self.scaler_skips = saved.get("scaler_skips", 0)
+        if self.average is not None:
+            self.average.load_state_dict(saved["average"])
         set_rng_state(saved["rng"])
         if fork:
             self.forked = {"epoch": self.first_epoch, "train_seconds": round(self.train_seconds, 2),
@@ -2366,6 +2436,8 @@ class FoldTraining:
             if not last_micro:
                 continue
             optimizer_step(model, self.optimizer, self.scheduler, self.scaler, cfg.max_grad_norm)
+            if self.average is not None:
+                self.average.update(model)
             if self.scaler is not None:  # the scale falls only when GradScaler skips a step: one host read a step
                 scale, self.last_scale = self.last_scale, self.scaler.get_scale()
                 self.scaler_skips += self.last_scale < scale
@@ -2385,19 +2457,20 @@ class FoldTraining:
                             f"{position:.2f} (optimizer step {step}); lower --lr or the attack's size, or "
                             "use --amp bf16 or off.")
         tock = time.perf_counter()
-        probs = predict_proba(self.model, self.valid_data[0], self.cfg.eval_batch_size, self.pad_id, self.device,
-                              self.amp_dtype, self.task.activate)
-        seconds = time.perf_counter() - tock
+        with self.average.applied(self.model) if self.average else contextlib.nullcontext():  # evaluated and kept
+            probs = predict_proba(self.model, self.valid_data[0], self.cfg.eval_batch_size, self.pad_id, self.device,
+                                  self.amp_dtype, self.task.activate)
+            seconds = time.perf_counter() - tock
+            metrics = self.task.evaluate(self.valid_data[1], probs)
+            row = {"epoch": position, "step": step, "train_loss": round(train_loss, 6),
+                   **{f"valid_{k}": v for k, v in metrics.items()}, "adv_steps": self.adv_steps,
+                   "attack_seen": self.adv_steps > 0, "lr": self.scheduler.get_last_lr()[0],
+                   "eval_seconds": round(seconds, 3)}
+            if self.select_metric not in metrics:
+                metrics[self.select_metric] = row[f"valid_{self.select_metric}"] = metric_value(
+                    self.select_metric, self.task, self.valid_data[1], probs)
+            improved = self.selection.record(row, metrics, probs, self.model)
         self.eval_seconds += seconds
-        metrics = self.task.evaluate(self.valid_data[1], probs)
-        row = {"epoch": position, "step": step, "train_loss": round(train_loss, 6),
-               **{f"valid_{k}": v for k, v in metrics.items()}, "adv_steps": self.adv_steps,
-               "attack_seen": self.adv_steps > 0, "lr": self.scheduler.get_last_lr()[0],
-               "eval_seconds": round(seconds, 3)}
-        if self.select_metric not in metrics:
-            metrics[self.select_metric] = row[f"valid_{self.select_metric}"] = metric_value(
-                self.select_metric, self.task, self.valid_data[1], probs)
-        improved = self.selection.record(row, metrics, probs, self.model)
         self.gate.observe(metrics[self.select_metric], step)
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         log.info(f"{self.name}epoch {position:.2f} | loss {train_loss:.4f} | valid {shown} | "

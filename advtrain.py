@@ -4024,9 +4024,19 @@ _SCORED = ("metric", "task", "select_metric", "target_cols")
 
 
 def parse_grid(items) -> dict:
-    """--grid KEY=V1,V2 [KEY=...]: each Config field to its values, typed as the field (one product)."""
-    fields, grid = {f.name: f for f in dataclasses.fields(Config)}, {}
-    for item in items or []:
+    """--grid [METHOD:]KEY=V1,V2 [KEY=...]: each Config field to its values, typed as the field (one product).
+    A method before the first setting makes the product that method's arm (its "method" entry): it applies to
+    that method alone (--grid baseline:lr=3e-5,1e-4 epochs=2,3 tunes the baseline on its own)."""
+    fields, grid, items = {f.name: f for f in dataclasses.fields(Config)}, {}, [str(i) for i in items or []]
+    if items and ":" in items[0].partition("=")[0]:
+        method, _, items[0] = items[0].partition(":")
+        if method.strip() not in METHODS:
+            raise UserError(f"--grid {method}:...: {method!r} is not a method ({', '.join(METHODS)}).")
+        grid["method"], items = [method.strip()], [i for i in items if i.strip()]
+        if not items:
+            raise UserError(f"--grid {method}: names no setting for its arm: give them, e.g. --grid "
+                            f"{method}:lr=5e-5,1e-4.")
+    for item in items:
         key, sep, values = str(item).partition("=")
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or key not in fields or key in _NOT_RESULTS + ("method", "seed", "preset"):
@@ -4062,12 +4072,19 @@ def _products(grid) -> list[dict]:
 
 def grid_keys(grid) -> list[str]:
     """Every setting any product of the grid varies, in the order given."""
-    return list(dict.fromkeys(k for product in _products(grid) for k in product))
+    return list(dict.fromkeys(k for product in _products(grid) for k in product if k != "method"))
+
+
+def has_arms(grid) -> bool:
+    """Whether a product of the grid is a method's arm (--grid METHOD:...): each method is then tuned on its own
+    and paired best against best (best_reference)."""
+    return any("method" in p for p in _products(grid))
 
 
 def _concerns(product: dict, method: str) -> bool:
-    """Whether a product of a union is searched for `method`: it names one of the method's own settings, or
-    names no method's own settings (lr, epochs), or the method is the baseline, which every setting is paired with."""
+    """Whether a product of a union (not an arm) is searched for `method`: it names one of the method's own
+    settings, or names no method's own settings (lr, epochs), or the method is the baseline, which every
+    setting is paired with."""
     owners = {k.split("_")[0] for k in product} & set(METHODS[1:])
     return method == "baseline" or not owners or method in owners
 
@@ -4076,12 +4093,15 @@ def grid_settings(grid, method: str) -> list[dict]:
     """The settings `method` runs under: every combination of a product's values of the settings that touch
     it; one empty setting when none does (the baseline under an AWP grid trains once per seed). With several
     products (--grid given more than once) the union of those that concern the method (_concerns; all of them
-    when none does), each setting once."""
+    when none does), each setting once; a method with an arm (--grid METHOD:...) runs under its arm alone, and
+    no method under another's."""
     products = _products(grid)
-    chosen = [p for p in products if _concerns(p, method)] or products or [{}]
+    shared = [p for p in products if "method" not in p]
+    chosen = [p for p in products if method in p.get("method", [])] or [p for p in shared if _concerns(p, method)] \
+        or shared or [{}]
     settings = {}
     for product in chosen:
-        keys = [k for k in product if touches(k, method)]
+        keys = [k for k in product if k != "method" and touches(k, method)]
         for values in itertools.product(*(product[k] for k in keys)):
             setting = dict(zip(keys, values))
             settings.setdefault(tuple(sorted(setting.items())), setting)
@@ -4106,14 +4126,27 @@ def result_row(path: Path) -> tuple[dict, dict]:
         raise _bad_record(path, f"{type(e).__name__}: {e}") from None
 
 
-def reference_runs(results: pd.DataFrame, reference: str, keys=()) -> list:
+def reference_runs(results: pd.DataFrame, reference: str, keys=(), best: dict | None = None) -> list:
     """For each run, the reference method's run it is paired with: the same seed, and the same values of
-    the grid settings that touch the reference (an awp run at lr 1e-5 with the baseline at lr 1e-5);
-    None where there is none."""
+    the grid settings that touch the reference (an awp run at lr 1e-5 with the baseline at lr 1e-5), or,
+    given `best` (a setting of the reference: the grid has arms), the reference's run of that setting,
+    whatever the run's own (best against best); None where there is none."""
     shared = [k for k in keys if touches(k, reference)]
+    if best is not None:
+        ref = {r["seed"]: r["run"] for _, r in _of(results, reference, best).iterrows()}
+        return [None if r["method"] == reference else ref.get(r["seed"]) for _, r in results.iterrows()]
     ref = {(r["seed"], *(r[k] for k in shared)): r["run"] for _, r in results.iterrows() if r["method"] == reference}
     return [None if r["method"] == reference else ref.get((r["seed"], *(r[k] for k in shared)))
             for _, r in results.iterrows()]
+
+
+def best_reference(results: pd.DataFrame, reference: str, keys=()) -> dict:
+    """The reference's setting with the best mean score over the runs' seeds (in the metric's direction; the
+    first of equals): the tuned baseline an arm is judged against."""
+    higher = bool(results["higher_is_better"].iloc[0])
+    means = [(_of(results, m, s)["score"].mean(), i, s) for i, (m, s) in enumerate(variants(results, keys))
+             if m == reference]
+    return min(means, key=lambda t: (-t[0] if higher else t[0], t[1]))[2]
 
 
 def with_changed_labels(root: Path, results: pd.DataFrame, reference: str, keys=()) -> pd.DataFrame:
@@ -4130,7 +4163,8 @@ def with_changed_labels(root: Path, results: pd.DataFrame, reference: str, keys=
 
     tables = {run: labels(run) for run in results["run"]}
     changed = [float((tables[run] != tables[ref].loc[tables[run].index]).any(axis=1).mean()) if ref else np.nan
-               for run, ref in zip(results["run"], reference_runs(results, reference, keys))]
+               for run, ref in zip(results["run"], results["paired"] if "paired" in results else
+                                   reference_runs(results, reference, keys))]
     return results.assign(labels_changed=changed)
 
 
@@ -4182,7 +4216,8 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level
     if "labels_changed" not in results:
         results = results.assign(labels_changed=np.nan)
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
-    results = results.assign(paired=reference_runs(results, reference, keys))
+    if "paired" not in results:  # set beforehand where the grid has arms (best against best)
+        results = results.assign(paired=reference_runs(results, reference, keys))
     score = dict(zip(results["run"], results["score"]))
     rows = []
     for method, setting in variants(results, keys):
@@ -4216,7 +4251,7 @@ def _verdict(row, reference: str, metric: str, label: str, level: float = 0.95) 
 
 
 def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=(),
-                     level: float = 0.95) -> str:
+                     level: float = 0.95, against: str = "") -> str:
     """The comparison's tables: each method and setting over seeds, then the paired differences from the
     reference with their CIs at `level` and a verdict each; says why when nothing could be paired."""
     summary = summarize(results, reference, keys, level)
@@ -4243,7 +4278,7 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
     if len(diffs):
         rows = [setting(r) + [r["paired_seeds"], f"{r['diff']:+.4f}", "n/a" if math.isnan(r["lo"]) else
                               f"{r['lo']:+.4f} to {r['hi']:+.4f}", f"{r['gain']:+.4f}"] for _, r in diffs.iterrows()]
-        lines += [f"\nPaired difference from {reference} (same seed, same split), in {metric}:\n",
+        lines += [f"\nPaired difference from {against or reference} (same seed, same split), in {metric}:\n",
                   *markdown_table(["method", *keys, "seeds", f"Δ {metric}", f"{100 * level:g}% CI",
                                    "gain (positive is better)"], rows), ""]
         lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}),
@@ -4409,6 +4444,7 @@ class Search:
     screen_seeds: list = field(default_factory=lambda: [42, 43, 44])
     confirm_seeds: list = field(default_factory=lambda: list(range(50, 58)))
     promote: int = 2
+    unequal_arms: bool = False  # arms (--grid METHOD:...) of different sizes: each its own number of screen runs
 
 
 # What compare writes beside the run folders; a file an earlier call wrote and this one does not is removed.
@@ -4443,8 +4479,9 @@ def plan_items(cfg: Config, methods, seeds, grid, root: Path, phase: str = "", o
 
 
 def _kept(item: Item, only) -> bool:
-    """Whether an item is one of the variants `only` names, or a baseline run one of them pairs with."""
-    if item.method != "baseline":
+    """Whether an item is one of the variants `only` names, or (where only names no baseline: the grid has no
+    arms) a baseline run one of them pairs with."""
+    if item.method != "baseline" or any(v[0] == "baseline" for v in only):
         return item.variant in only
     return any(all(dict(v[1:]).get(k) == value for k, value in item.values.items()) for v in only)
 
@@ -4536,8 +4573,20 @@ class Study:
     ensemble: list | None = None
     budget: float = 0.0
 
+    @property
+    def arms(self) -> bool:
+        return has_arms(self.products)
+
     def items(self, seeds, phase: str = "", only=None) -> list[Item]:
         return plan_items(self.cfg, self.methods, seeds, self.products, self.root, phase, only)
+
+    def paired(self, results: pd.DataFrame, best: dict | None = None) -> pd.DataFrame:
+        """results with each run's paired reference run: with arms, the reference's `best` setting (by default
+        the best of these runs) of the same seed; without, the same seed and shared settings."""
+        if not self.arms or results.empty or not (results["method"] == self.reference).any():
+            return results
+        best = best_reference(results, self.reference, self.keys) if best is None else best
+        return results.assign(paired=reference_runs(results, self.reference, self.keys, best))
 
 
 def compare(cfg: Config, methods, seeds, ensemble=None, train=None, test=None, sample_submission=None,
@@ -4589,6 +4638,7 @@ def plan_study(cfg: Config, methods, seeds, ensemble, grid, search: Search | Non
         raise UserError(f"--budget is minutes of training (0: no cap), got {budget!r}.")
     products = _products(grid)
     keys = grid_keys(products)
+    _check_arms(products, methods, search)
     idle = [k for k in keys if not any(touches(k, m) for m in methods)]
     if idle:
         raise UserError(f"--grid {idle[0]} changes none of --methods {','.join(methods)}: add the method it "
@@ -4614,9 +4664,12 @@ def run_search(study: Study, runner: Runner) -> tuple[list[dict], list[Item], li
     rows, left = runner(study.items(study.seeds, "screen"))
     if left:
         return rows, left, None
-    promoted = promote(summarize(pd.DataFrame(rows), study.reference, study.keys), study.search.promote, study.keys)
-    record_promotions(study.root, study.search, promoted, study.items(study.confirm, "confirm"))
-    more, left = runner(study.items(study.confirm, "confirm", only=set(promoted)))
+    screen = study.paired(pd.DataFrame(rows))
+    promoted = promote(summarize(screen, study.reference, study.keys), study.search.promote, study.keys)
+    best = best_reference(screen, study.reference, study.keys) if study.arms else None
+    record_promotions(study.root, study.search, promoted, study.items(study.confirm, "confirm"), best)
+    only = set(promoted) | ({(study.reference, *best.items())} if best is not None else set())
+    more, left = runner(study.items(study.confirm, "confirm", only=only))
     return rows + more, left, promoted
 
 
@@ -4635,6 +4688,25 @@ def _seed_list(flag: str, seeds) -> list[int]:
     return seeds
 
 
+def _check_arms(products, methods, search: Search | None) -> None:
+    """An arm (--grid METHOD:...) names a method of --methods and settings that change its runs; with
+    --search, every method gets as many screen runs as the others unless --unequal-arms."""
+    for product in products:
+        for method in product.get("method", []):
+            if method not in methods:
+                raise UserError(f"--grid {method}:... tunes {method}, which --methods does not run: add it to "
+                                "--methods, or drop that grid.")
+            idle = [k for k in product if k != "method" and not touches(k, method)]
+            if idle:
+                raise UserError(f"--grid {method}:{idle[0]}=...: {idle[0]} does not change a {method} run; give "
+                                f"that arm {method}'s own settings or shared ones (lr, epochs).")
+    sizes = {m: len(grid_settings(products, m)) for m in methods}
+    if search and has_arms(products) and len(set(sizes.values())) > 1 and not search.unequal_arms:
+        raise UserError("--search gives every arm the same number of screen runs, but the grids give "
+                        + ", ".join(f"{m} {n} setting(s)" for m, n in sizes.items())
+                        + ": give each arm as many settings, or pass --unequal-arms.")
+
+
 def _check_search(search: Search, methods, screen, confirm) -> None:
     if "baseline" not in methods:
         raise UserError("--search judges every setting by its paired gain over the baseline: add baseline to "
@@ -4649,11 +4721,13 @@ def _check_search(search: Search, methods, screen, confirm) -> None:
         raise UserError(f"--promote is how many settings to confirm (1 or more), got {search.promote!r}.")
 
 
-def record_promotions(root: Path, search: Search, promoted, confirm_items) -> None:
-    """search.json: the promotions a search decided on its screen. Once a confirmation run exists, a call
-    that would promote otherwise (another --promote, or a screen that changed) is refused: the number
-    promoted, and so the width of the intervals, cannot be chosen after seeing the fresh seeds."""
+def record_promotions(root: Path, search: Search, promoted, confirm_items, best: dict | None = None) -> None:
+    """search.json: the promotions a search decided on its screen (and, with arms, the baseline's setting
+    they are judged against). Once a confirmation run exists, a call that would promote otherwise (another
+    --promote, or a screen that changed) is refused: the number promoted, and so the width of the
+    intervals, cannot be chosen after seeing the fresh seeds."""
     path, labels = root / "search.json", [_label(v[0], dict(v[1:])) for v in promoted]
+    labels += [f"reference: {_label('baseline', best)}"] if best is not None else []
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -4676,10 +4750,12 @@ def promote(screened: pd.DataFrame, k: int, keys=()) -> list[tuple]:
             gaining.head(k).iterrows()]
 
 
-def search_table(results: pd.DataFrame, reference: str, keys, search: Search, promoted) -> pd.DataFrame:
+def search_table(results: pd.DataFrame, reference: str, keys, search: Search, promoted, best=None) -> pd.DataFrame:
     """results.csv of a search: compare's summary of the screen, then for each setting whether it was
     promoted, its runs and paired difference on the fresh seeds (confirm_*, the interval widened for the
-    number promoted: ci_level), its verdict, and the minutes its runs took in both phases."""
+    number promoted: ci_level), its verdict, and the minutes its runs took in both phases. best: the
+    reference's setting the others are judged against, where the grid has arms (the other settings of the
+    reference are "not chosen")."""
     screened = summarize(results[results["phase"] == "screen"], reference, keys)
     level = 1 - 0.05 / max(len(promoted), 1)
     fresh = results[results["phase"] == "confirm"]
@@ -4696,7 +4772,9 @@ def search_table(results: pd.DataFrame, reference: str, keys, search: Search, pr
             row.update(confirm_seeds=int(c["paired_seeds"]),
                        **{f"confirm_{n}": c[n] for n in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi")})
         planned = len(search.confirm_seeds)
-        row["verdict"] = ("reference" if r["method"] == reference else "not promoted" if not row["promoted"] else
+        chosen = best is None or setting == best
+        row["verdict"] = ("reference" if r["method"] == reference and chosen else "not chosen" if r["method"] ==
+                          reference else "not promoted" if not row["promoted"] else
                           f"pending ({row['confirm_seeds']} of {planned} fresh seeds)" if row["confirm_seeds"] < planned
                           else verdict(row["confirm_gain_lo"], row["confirm_gain_hi"]))
         row["minutes"] = _of(results, r["method"], setting)["seconds"].sum() / 60
@@ -4709,7 +4787,7 @@ def search_markdown(table: pd.DataFrame, keys, metric: str) -> str:
     level = f"{100 * table['ci_level'].iloc[0]:g}%"
     rows = []
     for _, r in table.iterrows():
-        reference = r["verdict"] == "reference"
+        reference = r["verdict"] in ("reference", "not chosen")
         setting = ", ".join(f"{k}={r[k]}" for k in keys if touches(k, r["method"])) or "-"
         cells = [r["method"], setting, str(r["seeds"]), "n/a" if reference or not r["paired_seeds"] else
                  f"{r['gain']:+.4f}", "n/a" if reference else "yes" if r["promoted"] else "no",
@@ -4726,7 +4804,8 @@ def search_markdown(table: pd.DataFrame, keys, metric: str) -> str:
 
 def _grid_text(products) -> str:
     """The grid as the header says it: `k in {v1, v2}` per setting, products joined by `or` (a union)."""
-    said = ["; ".join(f"{k} in {{{', '.join(map(str, v))}}}" for k, v in p.items()) for p in products]
+    said = [("".join(f"{m}: " for m in p.get("method", [])) + "; ".join(
+        f"{k} in {{{', '.join(map(str, v))}}}" for k, v in p.items() if k != "method")) for p in products]
     return ", " + " or ".join(f"({s})" if len(said) > 1 else s for s in said) if said else ""
 
 
@@ -4754,14 +4833,20 @@ def write_report(study: Study, results: pd.DataFrame, promoted=None, left=()) ->
     is removed, so that nothing stale sits beside the tables. Returns the text of results.md."""
     root, reference, keys, written = study.root, study.reference, study.keys, ["results.md"]
     where = _report_header(study, results)
+    basis = results[results["phase"] == "screen"] if study.search and len(results) else results
+    best = best_reference(basis, reference, keys) if study.arms and len(basis) and (
+        basis["method"] == reference).any() else None
     if len(results):
-        results = with_changed_labels(root, results, reference, keys)
+        results = with_changed_labels(root, study.paired(results, best), reference, keys)
+    against = f"{_label(reference, best)}, the best of its arm" if best is not None else ""
     if results.empty:
         text = f"# advtrain comparison\n\n{where}\nNo run has finished yet.\n"
     elif study.search is None:
-        text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys)
+        text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys, against=against)
     else:
-        text = _search_report(study, results, promoted, where, written)
+        text = _search_report(study, results, promoted, where, written, best, against)
+    if best is not None:
+        text += arms_markdown(study, results, best, promoted)
     if left:
         phases = pd.Series([i.phase or "compare" for i in left]).value_counts()
         text += (f"\n**{'Not trained (--no-train)' if study.budget < 0 else 'Stopped by --budget'}**: {len(left)} "
@@ -4789,6 +4874,33 @@ def write_report(study: Study, results: pd.DataFrame, promoted=None, left=()) ->
     return text
 
 
+def arms_markdown(study: Study, results: pd.DataFrame, best: dict, promoted=None) -> str:
+    """Each arm's budget and choice: the settings it tried, its runs and minutes, and the setting it chose (the
+    reference: the best mean score, on the screen seeds for a search; an attack: its promoted settings, or
+    for compare its best gain over that reference)."""
+    basis = results[results["phase"] == "screen"] if study.search else results
+    summary, metric = summarize(basis, study.reference, study.keys), results["metric"].iloc[0]
+    rows = []
+    for method in study.methods:
+        mine = summary[summary["method"] == method]
+        if method == study.reference:
+            chosen = f"{_label(method, best)} (best mean {metric}, {_of(basis, method, best)['score'].mean():.4f})"
+        elif study.search:
+            chosen = ", ".join(_label(v[0], dict(v[1:])) for v in promoted or () if v[0] == method) or (
+                "none promoted" if promoted is not None else "not decided yet")
+        else:
+            top = mine.dropna(subset=["gain"]).sort_values("gain", ascending=False, kind="stable").head(1)
+            setting = {} if top.empty else {k: top.iloc[0][k] for k in study.keys if touches(k, method)}
+            chosen = "-" if top.empty else f"{_label(method, setting)} (gain {top.iloc[0]['gain']:+.4f})"
+        runs = results[results["method"] == method]
+        rows.append([method, len(mine), int((basis["method"] == method).sum()), len(runs),
+                     f"{runs['seconds'].sum() / 60:.1f}", chosen])
+    return ("\n## Arms: each method tuned on its own, judged best against best\n\n"
+            + "\n".join(markdown_table(["arm", "settings tried", "screen runs" if study.search else "runs",
+                                         "runs in all", "minutes", "chosen"], rows))
+            + f"\n\nEvery attacked run is paired with {_label(study.reference, best)} of its seed.\n")
+
+
 def _ensemble_report(study: Study, results: pd.DataFrame, written: list) -> str:
     """ensemble_submission.csv of the --ensemble methods' runs, and the line results.md says of it."""
     runs = [r for r, m in zip(results["run"], results["method"]) if m in study.ensemble]
@@ -4801,10 +4913,11 @@ def _ensemble_report(study: Study, results: pd.DataFrame, written: list) -> str:
             f"ensemble_submission.csv; {apart}.\n")
 
 
-def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, written: list) -> str:
+def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, written: list, best=None,
+                   against: str = "") -> str:
     """results.md and results.csv of a search."""
     search, reference, keys = study.search, study.reference, study.keys
-    table = search_table(results, reference, keys, search, promoted or ())
+    table = search_table(results, reference, keys, search, promoted or (), best)
     atomic_write(study.root / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
     written.append("results.csv")
     metric, k = results["metric"].iloc[0], max(len(promoted or ()), 1)
@@ -4823,10 +4936,11 @@ def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, wr
             f"(positive is better). Verdicts from the fresh seeds alone, once all have run: **pays** (interval above "
             f"zero), **costs** (below zero), **undecided** (spans zero). minutes: the wall time of the setting's runs "
             f"in both phases.\n\n## Screen: seeds {', '.join(map(str, search.screen_seeds))}\n\n")
-    text += results_markdown(screen, reference, "", keys) if len(screen) else "No screening run has finished yet.\n"
+    text += results_markdown(screen, reference, "", keys, against=against) if len(screen) else \
+        "No screening run has finished yet.\n"
     if len(fresh):
         text += (f"\n## Confirmation on fresh seeds: {', '.join(map(str, search.confirm_seeds))} "
-                 f"({100 * level:g}% intervals)\n\n" + results_markdown(fresh, reference, "", keys, level))
+                 f"({100 * level:g}% intervals)\n\n" + results_markdown(fresh, reference, "", keys, level, against))
     return text
 
 
@@ -5003,13 +5117,17 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--grid", nargs="+", action="append", default=[], metavar="KEY=V1,V2",
                       help="settings to search: every method x combination x seed, e.g. --grid awp_lr=1e-3,1 "
                       "awp_objective=adversarial,sum; the baseline runs once per seed unless a setting touches it. "
-                      "Given more than once, the union of the grids (--grid fgm_eps=0.1,0.2 --grid sift_lambda=1,3)")
+                      "Given more than once, the union of the grids (--grid fgm_eps=0.1,0.2 --grid sift_lambda=1,3). "
+                      "METHOD: before the first setting makes the grid that method's arm, tuned on its own and judged "
+                      "best against best (--grid baseline:lr=3e-5,1e-4 epochs=2,3 --grid fgm:lr=5e-5,1e-4)")
     comp.add_argument("--search", action="store_true",
                       help="screen every setting on --screen-seeds, promote the best (--promote) and judge them on "
                       "--confirm-seeds alone: pays, costs or undecided")
     comp.add_argument("--screen-seeds", default="42,43,44", help="--search: seeds that choose (default: %(default)s)")
     comp.add_argument("--confirm-seeds", default="50,51,52,53,54,55,56,57",
                       help="--search: fresh seeds that judge the promoted settings (default: %(default)s)")
+    comp.add_argument("--unequal-arms", action="store_true", help="--search with arms (--grid METHOD:...) of "
+                      "different sizes: let each arm have its own number of screen runs")
     comp.add_argument("--promote", type=int, default=2, help="--search: settings to confirm, at most; only those "
                       "with a mean paired gain above zero (default: %(default)s)")
     comp.add_argument("--budget", type=float, default=0.0, help="minutes of training this call may spend; the "
@@ -5073,7 +5191,7 @@ def compare_from_args(args: argparse.Namespace) -> None:
     seeds, screen, confirm = (_seeds(flag, default if value is None else value) for flag, value, default in (
         ("--seeds", args.seeds, "42,43,44"), ("--screen-seeds", args.screen_seeds, ""),
         ("--confirm-seeds", args.confirm_seeds, "")))
-    search = Search(screen, confirm, args.promote) if args.search else None
+    search = Search(screen, confirm, args.promote, args.unequal_arms) if args.search else None
     compare(cfg, [m for m in split_names(args.methods) if m], seeds, [m for m in split_names(args.ensemble) if m]
             or None, grid=parse_grids(args.grid), search=search, budget=-1 if args.no_train else args.budget)
 

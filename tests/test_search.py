@@ -199,3 +199,78 @@ def test_the_confirmed_settings_ship_as_the_overfit_preset_and_the_fgm_and_sift_
     for method in ("fgm", "sift"):
         notebook = json.loads((ROOT / "notebooks" / method / f"advtrain-{method}.ipynb").read_text())
         assert 'preset="overfit"' in "".join(notebook["cells"][2]["source"])
+
+
+# --- arms: each method tuned on its own budget, judged best against best (issue 37) ---------------------------
+
+def test_an_arm_grid_applies_to_its_method_alone():
+    grids = advtrain.parse_grids([["baseline:lr=1e-3,2e-3", "epochs=1,2"], ["fgm:", "lr=1e-3", "fgm_eps=0.1,0.2"],
+                                  ["sift_lambda=1,3"]])
+    assert grids[0]["method"] == ["baseline"] and grids[1]["method"] == ["fgm"]
+    assert advtrain.grid_keys(grids) == ["lr", "epochs", "fgm_eps", "sift_lambda"] and advtrain.has_arms(grids)
+    assert advtrain.grid_settings(grids, "baseline") == [{"lr": 1e-3, "epochs": e} for e in (1, 2)] + \
+        [{"lr": 2e-3, "epochs": e} for e in (1, 2)]  # not the fgm arm's lr, nor the sift grid
+    assert advtrain.grid_settings(grids, "fgm") == [{"lr": 1e-3, "fgm_eps": 0.1}, {"lr": 1e-3, "fgm_eps": 0.2}]
+    assert advtrain.grid_settings(grids, "sift") == [{"sift_lambda": 1.0}, {"sift_lambda": 3.0}]
+    assert advtrain.grid_settings(grids[:2], "awp") == [{}]  # no arm of its own, no shared grid: its defaults
+    cfg = advtrain.Config(output_dir="x")
+    for grid, says in [(["fgm:"], "names no setting for its arm"), (["magic:lr=1"], "'magic' is not a method"),
+                       (["fgm:awp_lr=1"], "awp_lr does not change a fgm run"), (["awp:lr=1"], "which --methods does")]:
+        with pytest.raises(advtrain.UserError, match=says):
+            advtrain.compare(cfg, ["baseline", "fgm"], [1], grid=advtrain.parse_grids([grid]))
+    unequal = advtrain.parse_grids([["baseline:lr=1e-3,2e-3,3e-3"], ["fgm:fgm_eps=0.1,0.2"]])
+    with pytest.raises(advtrain.UserError, match=r"baseline 3 setting\(s\), fgm 2 setting\(s\): give each arm as many"):
+        advtrain.compare(cfg, ["baseline", "fgm"], [], grid=unequal, search=advtrain.Search([1], [2]))
+
+
+def test_arms_pair_every_attacked_run_with_the_best_reference_setting():
+    runs = pd.DataFrame({"method": ["baseline"] * 4 + ["fgm"] * 4, "seed": [1, 2] * 4,
+                         "lr": [1e-3, 1e-3, 2e-3, 2e-3, 1e-3, 1e-3, 2e-3, 2e-3],
+                         "score": [0.70, 0.72, 0.80, 0.78, 0.81, 0.80, 0.75, 0.76], "metric": "f1",
+                         "higher_is_better": True, "valid_best": 0.0, "attack_seen": True,
+                         "run": [f"r{i}" for i in range(8)]})
+    best = advtrain.best_reference(runs, "baseline", ["lr"])
+    assert best == {"lr": 2e-3}  # mean 0.79 against 0.71
+    pairs = advtrain.reference_runs(runs, "baseline", ["lr"], best)
+    assert pairs == [None] * 4 + ["r2", "r3", "r2", "r3"]  # whatever the fgm run's lr
+    paired = runs.assign(paired=pairs)
+    summary = advtrain.summarize(paired, "baseline", ["lr"]).set_index(["method", "lr"])
+    assert summary.loc[("fgm", 1e-3), "gain"] == pytest.approx(((0.81 - 0.80) + (0.80 - 0.78)) / 2)
+    assert summary.loc[("fgm", 2e-3), "better"] == 0 and summary.loc[("fgm", 1e-3), "better"] == 2
+    same_lr = advtrain.summarize(runs, "baseline", ["lr"]).set_index(["method", "lr"])  # no arms: lr with lr
+    assert same_lr.loc[("fgm", 1e-3), "gain"] == pytest.approx(((0.81 - 0.70) + (0.80 - 0.72)) / 2)
+
+
+@pytest.mark.slow
+def test_a_search_with_arms_confirms_the_promoted_against_the_baselines_best(data_dir, model_dirs, tmp_path,
+                                                                            monkeypatch):
+    out, ran = tmp_path / "arms", []
+    real_run = advtrain.run
+    monkeypatch.setattr(advtrain, "run", lambda cfg, *a, **k: (ran.append((cfg.method, cfg.lr, cfg.fgm_eps, cfg.seed)),
+                                                               real_run(cfg, *a, **k))[1])
+    args = ["compare", "--methods", "baseline,fgm", "--search", "--grid", "baseline:lr=1e-4,1e-3",
+            "--grid", "fgm:fgm_eps=0.05,0.5", "--screen-seeds", "1,2", "--confirm-seeds", "3,4", "--promote", "2",
+            "--model", str(model_dirs["bert"]), "--data-dir", str(data_dir), "--output-dir", str(out), "--epochs", "2",
+            "--batch-size", "16", "--lr", "1e-3", "--holdout-size", "100", "--valid-size", "100", "--adv-start", "1",
+            "--eval-every", "0.5", "--device", "cpu", "--metric", "logloss", "--no-progress", "--no-save-model"]
+    assert advtrain.main(args) == 0
+    runs = pd.read_csv(out / "runs.csv")
+    screen = runs[runs["phase"] == "screen"]
+    assert len(screen) == 8  # 2 settings x 2 seeds for each arm
+    base = screen[screen["method"] == "baseline"].groupby("lr")["score"].mean()
+    best_lr = base.idxmin()  # log loss: lower is better
+    recorded = json.loads((out / "search.json").read_text())
+    assert f"reference: baseline (lr={best_lr})" in recorded["promoted"]
+    confirm = sorted(r for r in ran if r[3] in (3, 4))
+    promoted = [p for p in recorded["promoted"] if p.startswith("fgm")]
+    assert sorted({(m, lr) for m, lr, _, _ in confirm if m == "baseline"}) == ([("baseline", best_lr)]
+                                                                               if promoted or confirm else [])
+    table = pd.read_csv(out / "results.csv")
+    fgm = table[table["method"] == "fgm"]
+    best_scores = screen[(screen["method"] == "baseline") & (screen["lr"] == best_lr)].set_index("seed")["score"]
+    for _, row in fgm.iterrows():  # each screened gain is over the best baseline of the same seed
+        mine = screen[(screen["method"] == "fgm") & (screen["fgm_eps"] == row["fgm_eps"])].set_index("seed")["score"]
+        assert row["gain"] == pytest.approx(-(mine - best_scores).mean())
+    text = (out / "results.md").read_text()
+    assert "## Arms: each method tuned on its own, judged best against best" in text
+    assert "| baseline | 2 | 4 |" in text and f"baseline (lr={best_lr}) (best mean logloss" in text

@@ -4000,6 +4000,81 @@ def paired_interval(diffs, level: float = 0.95) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+BOOTSTRAP_DRAWS = 2000  # draws of the paired bootstrap over rows and seeds (its percentiles settle at ~1e-3)
+
+
+class ScoredRows:
+    """The rows each run of a comparison was scored on (the holdout; out-of-fold for k-fold), read once from
+    its oof.csv with blend's checked reader and sorted by id: ids, targets, predictions and threshold."""
+
+    def __init__(self, root: Path):
+        self.root, self.cache, self.intervals = Path(root), {}, {}
+
+    def interval(self, runs, paired, level: float):
+        """row_interval of these pairs of runs (by name), computed once per call of compare."""
+        key = (tuple(runs), tuple(paired), level)
+        if key not in self.intervals:
+            self.intervals[key] = row_interval([(self(a), self(b)) for a, b in zip(runs, paired)], level)
+        return self.intervals[key]
+
+    def __call__(self, run: str) -> dict:
+        if run not in self.cache:
+            if not (self.root / run / "oof.csv").is_file():
+                raise UserError(f"{self.root / run} has no oof.csv, so its scored rows cannot be resampled: an "
+                                "interval over rows needs each run's saved predictions; train the run again.")
+            m = blend_member(self.root / run)
+            splits = m["oof"].index.get_level_values("split")
+            keep = np.flatnonzero(splits == ("holdout" if "holdout" in set(splits) else "valid"))
+            ids = m["oof"].index.get_level_values("id")[keep].to_numpy()
+            keep = keep[np.argsort(ids, kind="stable")]
+            self.cache[run] = {"ids": np.sort(ids), "y": m["task"].encode(m["oof"].iloc[keep]),
+                               "pred": m["oof_pred"][keep], "threshold": m["record"]["score"]["threshold"],
+                               "task": m["task"], "metric": m["task"].metric}
+        return self.cache[run]
+
+
+def weighted_metric(rows: dict, weights: np.ndarray) -> np.ndarray:
+    """The run's metric on its scored rows drawn with these counts (draws x rows), one value a draw; as
+    metric_value computes it (each metric a mean of per-row terms, or a ratio of sums, where it is one; the
+    others row by row)."""
+    task, metric, y, pred, n = rows["task"], rows["metric"], rows["y"], rows["pred"], len(rows["y"])
+    share = weights / n
+    if task.classes and metric == "logloss":
+        clipped = np.clip(pred, 1e-15, 1 - 1e-15)
+        return share @ -np.log((clipped / clipped.sum(1, keepdims=True))[np.arange(n), y])
+    if task.classes and metric == "accuracy":
+        return share @ (task.labels(pred, rows["threshold"]) == y)
+    if task.kind == "binary" and metric == "f1":
+        label = task.labels(pred, rows["threshold"])
+        tp, fp, fn = (share @ ((label == a) & (y == b)) for a, b in ((1, 1), (1, 0), (0, 1)))
+        return np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=2 * tp + fp + fn > 0)
+    if not task.classes and metric in ("rmse", "mcrmse"):
+        squares = (y.reshape(n, -1) - pred.reshape(n, -1)) ** 2
+        return np.sqrt(share @ squares.mean(1)) if metric == "rmse" else np.sqrt(share @ squares).mean(1)
+    return np.array([metric_value(metric, task, y[picked], pred[picked], rows["threshold"])
+                     for picked in (np.repeat(np.arange(n), w) for w in weights)])
+
+
+def row_interval(pairs: list, level: float = 0.95, draws: int = BOOTSTRAP_DRAWS):
+    """The interval of the mean paired difference (a - b) over seeds and scored rows, for pairs of runs (a, b:
+    ScoredRows) that share one set of scored rows: each draw resamples the seeds and the rows (the same rows
+    for every run of the draw: the runs are scored on them together) and recomputes the metric. Returns
+    (lo, hi), or None where the seeds' runs are scored on rows of their own (each seed its own split): their
+    seed-to-seed spread already holds the sampling of the rows, and the t interval over seeds covers both."""
+    ids = pairs[0][0]["ids"]
+    if any(len(r["ids"]) != len(ids) or (r["ids"] != ids).any() for pair in pairs for r in pair):
+        return None
+    rng = np.random.default_rng(0)
+    diffs = []
+    for chunk in np.array_split(np.arange(draws), max(1, draws * len(ids) // 2_000_000)):
+        weights = rng.multinomial(len(ids), np.full(len(ids), 1 / len(ids)), size=len(chunk))
+        per_seed = np.stack([weighted_metric(a, weights) - weighted_metric(b, weights) for a, b in pairs], 1)
+        seeds = rng.integers(0, len(pairs), size=per_seed.shape)
+        diffs.append(np.take_along_axis(per_seed, seeds, 1).mean(1))
+    lo, hi = np.quantile(np.concatenate(diffs), [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
 def _name_part(value) -> str:
     """A setting's value as part of a folder name: as written when it is plain (0.5, sum), else with every
     character a folder name should not hold (/ among them) replaced, and a digest of the value appended
@@ -4207,19 +4282,22 @@ def markdown_table(head: list, rows: list) -> list[str]:
             *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
 
 
-def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level: float = 0.95) -> pd.DataFrame:
+def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level: float = 0.95,
+              rows: ScoredRows | None = None) -> pd.DataFrame:
     """One row per method and grid setting (results.csv): mean and std over seeds, how many selected a
     checkpoint trained with the attack, the share of changed test labels, and the paired difference to
     the reference run of the same seed (and shared settings) with its CI at `level` (95%). `gain` is that
     difference in the metric's own direction: positive is better (a lower RMSE is a gain); `better`, on how
-    many of the pairs it was; `verdict`, the verdict of the interval."""
+    many of the pairs it was; `verdict`, the verdict of the interval. Given the runs' scored rows (rows), the
+    interval of runs that share their scored rows is the paired bootstrap over seeds and rows (row_interval);
+    `ci_covers` says what each interval covers and `ci_draws` how many draws it took."""
     if "labels_changed" not in results:
         results = results.assign(labels_changed=np.nan)
     sign = 1.0 if bool(results["higher_is_better"].iloc[0]) else -1.0
     if "paired" not in results:  # set beforehand where the grid has arms (best against best)
         results = results.assign(paired=reference_runs(results, reference, keys))
     score = dict(zip(results["run"], results["score"]))
-    rows = []
+    table = []
     for method, setting in variants(results, keys):
         mine = _of(results, method, setting)
         row = {"method": method, **{k: setting.get(k, np.nan) for k in keys}, "seeds": len(mine),
@@ -4231,12 +4309,18 @@ def summarize(results: pd.DataFrame, reference: str = "baseline", keys=(), level
         if len(pairs):
             diffs = pairs["score"].to_numpy() - [score[p] for p in pairs["paired"]]
             diff, lo, hi = paired_interval(diffs, level)
+            covers, draws = "seeds" if rows is None else "seeds and rows (each seed scores rows of its own)", 0
+            shared = rows.interval(pairs["run"], pairs["paired"], level) if rows is not None and len(pairs) > 1 \
+                else None
+            if shared is not None:
+                (lo, hi), covers, draws = shared, "seeds and rows (paired bootstrap)", BOOTSTRAP_DRAWS
             glo, ghi = sorted([sign * lo, sign * hi])
             row.update(paired_seeds=len(pairs), diff=diff, lo=lo, hi=hi, gain=sign * diff, gain_lo=glo, gain_hi=ghi,
-                       better=int((sign * diffs > 0).sum()), verdict=verdict(glo, ghi))
-        rows.append(row)
-    summary = pd.DataFrame(rows)
-    for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi", "better", "verdict"):  # even when none is paired
+                       better=int((sign * diffs > 0).sum()), verdict=verdict(glo, ghi), ci_covers=covers,
+                       ci_draws=draws)
+        table.append(row)
+    summary = pd.DataFrame(table)
+    for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi", "better", "verdict", "ci_covers", "ci_draws"):
         if name not in summary:
             summary[name] = np.nan
     return summary
@@ -4250,11 +4334,21 @@ def _verdict(row, reference: str, metric: str, label: str, level: float = 0.95) 
             f"{VERDICTS[row['verdict']]}.")
 
 
+# What an interval covers (summarize's ci_covers), as results.md says it.
+COVERS = {"seeds and rows (paired bootstrap)": "Intervals cover the seeds and the scored rows: the runs are scored on "
+          f"the same rows, and each of {BOOTSTRAP_DRAWS} draws resamples both the seeds and the rows, the metric "
+          "recomputed (paired bootstrap, percentile interval).",
+          "seeds and rows (each seed scores rows of its own)": "Intervals are Student-t over seeds: each seed scores "
+          "rows of its own (its own split), so the spread over seeds already holds the sampling of the rows.",
+          "seeds": "Intervals are Student-t over seeds alone: they do not count the sampling of the scored rows."}
+
+
 def results_markdown(results: pd.DataFrame, reference: str = "baseline", header: str = "", keys=(),
-                     level: float = 0.95, against: str = "") -> str:
+                     level: float = 0.95, against: str = "", rows: ScoredRows | None = None) -> str:
     """The comparison's tables: each method and setting over seeds, then the paired differences from the
-    reference with their CIs at `level` and a verdict each; says why when nothing could be paired."""
-    summary = summarize(results, reference, keys, level)
+    reference with their CIs at `level` (over rows too, given the runs' scored rows) and a verdict each; says
+    what the intervals cover, and why when nothing could be paired."""
+    summary = summarize(results, reference, keys, level, rows)
     metric = results["metric"].iloc[0]
 
     def cell(r, name):
@@ -4277,12 +4371,14 @@ def results_markdown(results: pd.DataFrame, reference: str = "baseline", header:
     diffs = summary.dropna(subset=["diff"])
     if len(diffs):
         rows = [setting(r) + [r["paired_seeds"], f"{r['diff']:+.4f}", "n/a" if math.isnan(r["lo"]) else
-                              f"{r['lo']:+.4f} to {r['hi']:+.4f}", f"{r['gain']:+.4f}"] for _, r in diffs.iterrows()]
+                              f"{r['lo']:+.4f} to {r['hi']:+.4f}", f"{r['gain']:+.4f}",
+                              f"{int(r['better'])} of {r['paired_seeds']}"] for _, r in diffs.iterrows()]
         lines += [f"\nPaired difference from {against or reference} (same seed, same split), in {metric}:\n",
                   *markdown_table(["method", *keys, "seeds", f"Δ {metric}", f"{100 * level:g}% CI",
-                                   "gain (positive is better)"], rows), ""]
+                                   "gain (positive is better)", "better in"], rows), ""]
         lines += [_verdict(r, reference, metric, _label(r["method"], {k: r[k] for k in keys if not pd.isna(r[k])}),
                            level) for _, r in diffs.iterrows()]
+        lines += ["", *(COVERS[c] for c in diffs["ci_covers"].dropna().unique())]
     elif (summary["method"] != reference).any():
         several = (summary["method"] == reference).sum() > 1
         why = (f"{reference} is not among the runs" if not (summary["method"] == reference).any() else
@@ -4750,27 +4846,27 @@ def promote(screened: pd.DataFrame, k: int, keys=()) -> list[tuple]:
             gaining.head(k).iterrows()]
 
 
-def search_table(results: pd.DataFrame, reference: str, keys, search: Search, promoted, best=None) -> pd.DataFrame:
+def search_table(results: pd.DataFrame, reference: str, keys, search: Search, promoted, best=None,
+                 rows: ScoredRows | None = None) -> pd.DataFrame:
     """results.csv of a search: compare's summary of the screen, then for each setting whether it was
     promoted, its runs and paired difference on the fresh seeds (confirm_*, the interval widened for the
     number promoted: ci_level), its verdict, and the minutes its runs took in both phases. best: the
     reference's setting the others are judged against, where the grid has arms (the other settings of the
     reference are "not chosen")."""
-    screened = summarize(results[results["phase"] == "screen"], reference, keys)
+    screened = summarize(results[results["phase"] == "screen"], reference, keys, rows=rows)
     level = 1 - 0.05 / max(len(promoted), 1)
     fresh = results[results["phase"] == "confirm"]
-    confirmed = summarize(fresh, reference, keys, level) if len(fresh) else None
+    confirmed = summarize(fresh, reference, keys, level, rows) if len(fresh) else None
     rows = []
     for _, r in screened.iterrows():
         setting = {k: r[k] for k in keys if touches(k, r["method"])}
         row = {**r.to_dict(), "promoted": (r["method"], *setting.items()) in promoted,
                "confirm_runs": len(_of(fresh, r["method"], setting)), "confirm_seeds": 0, "ci_level": level}
-        for name in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi"):
-            row[f"confirm_{name}"] = np.nan
+        confirm = ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi", "better", "ci_covers", "ci_draws")
+        row.update({f"confirm_{name}": np.nan for name in confirm})
         if confirmed is not None and row["promoted"]:
             c = _of(confirmed, r["method"], setting).iloc[0]
-            row.update(confirm_seeds=int(c["paired_seeds"]),
-                       **{f"confirm_{n}": c[n] for n in ("diff", "lo", "hi", "gain", "gain_lo", "gain_hi")})
+            row.update(confirm_seeds=int(c["paired_seeds"]), **{f"confirm_{n}": c[n] for n in confirm})
         planned = len(search.confirm_seeds)
         chosen = best is None or setting == best
         row["verdict"] = ("reference" if r["method"] == reference and chosen else "not chosen" if r["method"] ==
@@ -4838,13 +4934,14 @@ def write_report(study: Study, results: pd.DataFrame, promoted=None, left=()) ->
         basis["method"] == reference).any() else None
     if len(results):
         results = with_changed_labels(root, study.paired(results, best), reference, keys)
-    against = f"{_label(reference, best)}, the best of its arm" if best is not None else ""
+    against, rows = f"{_label(reference, best)}, the best of its arm" if best is not None else "", ScoredRows(root)
     if results.empty:
         text = f"# advtrain comparison\n\n{where}\nNo run has finished yet.\n"
     elif study.search is None:
-        text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys, against=against)
+        text = results_markdown(results, reference, f"# advtrain comparison\n\n{where}", keys, against=against,
+                                rows=rows)
     else:
-        text = _search_report(study, results, promoted, where, written, best, against)
+        text = _search_report(study, results, promoted, where, written, best, against, rows)
     if best is not None:
         text += arms_markdown(study, results, best, promoted)
     if left:
@@ -4856,7 +4953,7 @@ def write_report(study: Study, results: pd.DataFrame, promoted=None, left=()) ->
         atomic_write(root / "runs.csv", lambda tmp: results.to_csv(tmp, index=False))
         written.append("runs.csv")
         if study.search is None:
-            summary = summarize(results, reference, keys)
+            summary = summarize(results, reference, keys, rows=rows)
             atomic_write(root / "results.csv", lambda tmp: summary.to_csv(tmp, index=False))
             written.append("results.csv")
         saved = results["fork_seconds"].sum() / 60
@@ -4914,10 +5011,10 @@ def _ensemble_report(study: Study, results: pd.DataFrame, written: list) -> str:
 
 
 def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, written: list, best=None,
-                   against: str = "") -> str:
+                   against: str = "", rows: ScoredRows | None = None) -> str:
     """results.md and results.csv of a search."""
     search, reference, keys = study.search, study.reference, study.keys
-    table = search_table(results, reference, keys, search, promoted or (), best)
+    table = search_table(results, reference, keys, search, promoted or (), best, rows)
     atomic_write(study.root / "results.csv", lambda tmp: table.to_csv(tmp, index=False))
     written.append("results.csv")
     metric, k = results["metric"].iloc[0], max(len(promoted or ()), 1)
@@ -4936,11 +5033,12 @@ def _search_report(study: Study, results: pd.DataFrame, promoted, where: str, wr
             f"(positive is better). Verdicts from the fresh seeds alone, once all have run: **pays** (interval above "
             f"zero), **costs** (below zero), **undecided** (spans zero). minutes: the wall time of the setting's runs "
             f"in both phases.\n\n## Screen: seeds {', '.join(map(str, search.screen_seeds))}\n\n")
-    text += results_markdown(screen, reference, "", keys, against=against) if len(screen) else \
+    text += results_markdown(screen, reference, "", keys, against=against, rows=rows) if len(screen) else \
         "No screening run has finished yet.\n"
     if len(fresh):
         text += (f"\n## Confirmation on fresh seeds: {', '.join(map(str, search.confirm_seeds))} "
-                 f"({100 * level:g}% intervals)\n\n" + results_markdown(fresh, reference, "", keys, level, against))
+                 f"({100 * level:g}% intervals)\n\n" + results_markdown(fresh, reference, "", keys, level, against,
+                                                                          rows))
     return text
 
 

@@ -222,4 +222,4 @@ def test_studies_name_an_unknown_study_or_command_and_take_overwrite_with_run(ca
     assert studies.main(["tabels"]) == 2
     assert capsys.readouterr().err.startswith("studies: no command 'tabels'")
     assert studies.main(["tables", "--overwrite"]) == 2
-    assert "--overwrite goes with run alone" in capsys.readouterr().err
+    assert "--overwrite and --budget go with run alone" in capsys.readouterr().err

@@ -246,14 +246,37 @@ def _said(kind: str, key) -> str:
     return f"{kind} {'member ' + str(key + 1) if isinstance(key, int) else key}"
 
 
+def blend_rows(info: dict, folders, key) -> dict:
+    """The holdout rows one side of a comparison is scored on, as advtrain.ScoredRows gives a run's: member
+    `key` alone, or the members mixed by the blend's fitted weights ("blend") or equally ("equal"), each at
+    the threshold the blend used; rebuilt from the members' oof.csv and blend.json, and checked against the
+    score blend.json recorded."""
+    import numpy as np
+
+    members = [advtrain.ScoredRows(f.parent)(f.name) for f in folders]
+    if isinstance(key, int):
+        return members[key]
+    weights = np.array(list(info["weights"].values())) if key == "blend" else np.full(len(members), 1 / len(members))
+    rows = {**members[0], "pred": np.tensordot(weights, np.stack([m["pred"] for m in members]), 1),
+            "threshold": info["threshold"] if key == "blend" else float(np.mean([m["threshold"] for m in members]))}
+    rebuilt = advtrain.weighted_metric(rows, np.ones((1, len(rows["ids"])), dtype=int))[0]
+    if abs(rebuilt - info["scores"][key]) > 1e-4:
+        raise SystemExit(f"studies: the {key} of {', '.join(f.name for f in folders)} scores {rebuilt:.4f} rebuilt "
+                         f"from its members, not the {info['scores'][key]:.4f} blend.json records")
+    return rows
+
+
 def blend_table(name: str) -> str:
     """The blend study's tables from its blend.json files: every blend (members, weights, each member's score,
-    the equal average, the fitted blend), then each comparison's paired gain with its 95% CI."""
+    the equal average, the fitted blend), then each comparison's paired gain with its 95% CI: over pairs and
+    holdout rows (a paired bootstrap) where the pairs share one holdout, over pairs alone where each pair has
+    a holdout of its own (and so the spread over pairs holds the rows' sampling)."""
     import json
 
     _, kinds, comparisons, caption = BLENDS[name]
+    folders = blend_folders(name)
     made = {kind: [json.loads((out / "blend.json").read_text()) if (out / "blend.json").is_file() else None
-                   for out, _ in pairs] for kind, pairs in blend_folders(name).items()}
+                   for out, _ in pairs] for kind, pairs in folders.items()}
     done = [i for i in made.values() for i in i if i]
     if not done:
         return f"{caption}\n\nNo blend has been made yet: `python tools/studies.py run {name}`.\n"
@@ -265,9 +288,11 @@ def blend_table(name: str) -> str:
                                                     "equal", "fitted blend"], rows),
              "", f"{metric} on each pair's holdout ({'higher' if higher else 'lower'} is better). Paired gains "
              f"(positive: the first is better, in {metric}'s own direction):", ""]
-    rows = []
+    rows, covers = [], []
     for a_kind, a_key, b_kind, b_key in comparisons:
         both = [(a, b) for a, b in zip(made[a_kind], made[b_kind]) if a and b]
+        members = [(fa, fb) for (_, fa), (_, fb), a, b in zip(folders[a_kind], folders[b_kind], made[a_kind],
+                                                               made[b_kind]) if a and b]
         if not both:
             continue
         first, second = _said(a_kind, a_key), _said(b_kind, b_key)
@@ -277,9 +302,17 @@ def blend_table(name: str) -> str:
                              for i, pair in enumerate(both) for name, info, key in zip((first, second), pair,
                                                                                       (a_key, b_key))])
         s = advtrain.summarize(runs, second).set_index("method").loc[first]  # paired by pair, as runs by seed
-        ci = "n/a" if len(both) < 2 else f"{s['gain_lo']:+.4f} to {s['gain_hi']:+.4f}"
+        lo, hi = s["gain_lo"], s["gain_hi"]
+        shared = advtrain.row_interval([(blend_rows(a, fa, a_key), blend_rows(b, fb, b_key)) for (a, b), (fa, fb)
+                                        in zip(both, members)]) if len(both) > 1 else None
+        if shared is not None:
+            lo, hi = sorted(x if higher else -x for x in shared)
+        covers.append("seeds and rows (paired bootstrap)" if shared is not None else
+                      "seeds and rows (each seed scores rows of its own)")
+        ci = "n/a" if len(both) < 2 else f"{lo:+.4f} to {hi:+.4f}"
         rows.append([f"{first} vs {second}", len(both), f"{s['gain']:+.4f}", ci, f"{int(s['better'])} of {len(both)}"])
     lines += advtrain.markdown_table(["comparison", "pairs", "mean gain", "95% CI", "better in"], rows)
+    lines += ["", *(advtrain.COVERS[c].replace("seed", "pair") for c in dict.fromkeys(covers))]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +322,11 @@ def tables() -> None:
         if f"<!-- study:{name} -->" in text and (RUNS / name).is_dir():
             text = splice(text, name, blend_table(name))
     for name in STUDIES:
-        if f"<!-- study:{name} -->" not in text or not (RUNS / name).is_dir():
+        if f"<!-- study:{name} -->" not in text:
+            continue
+        if not (RUNS / name).is_dir():
+            text = splice(text, name, f"```bash\n{command(name)}\n```\n\nNot started: `python tools/studies.py run "
+                          f"{name}` trains it (`--budget MINUTES` a piece at a time).\n")
             continue
         if advtrain.main(argv(name, "--no-train")) != 0:
             raise SystemExit(f"studies: {name} could not be tabulated (above)")

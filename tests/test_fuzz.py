@@ -98,6 +98,7 @@ def test_compare_does_not_reuse_a_run_made_with_another_max_len(data_dir, model_
 
 # 4. demo never replaces another run's files unasked
 
+@pytest.mark.slow
 def test_demo_refuses_a_folder_holding_another_run(data_dir, model_dirs, tmp_path):
     out = tmp_path / "mine"
     advtrain.run(tiny(data_dir, model_dirs, out, save_model=True))

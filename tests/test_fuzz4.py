@@ -87,6 +87,7 @@ def test_a_grid_of_what_is_scored_is_refused_before_training(item):
 
 
 # 3. without a baseline, the reference is named and so is the reason nothing pairs
+@pytest.mark.slow
 def test_a_comparison_without_a_baseline_names_its_reference_and_why_nothing_pairs(data_dir, model_dirs, tmp_path):
     out = tmp_path / "cmp"
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out, "fgm,awp", "--grid",
@@ -98,6 +99,7 @@ def test_a_comparison_without_a_baseline_names_its_reference_and_why_nothing_pai
 
 
 # 4. a later compare into the same folder leaves none of the earlier report files beside its own
+@pytest.mark.slow
 def test_report_files_of_an_earlier_compare_do_not_stay(data_dir, model_dirs, tmp_path):
     out = tmp_path / "cmp"
     assert advtrain.main(compare_args(data_dir, model_dirs["bert"], out, "baseline,fgm", "--grid", "fgm_eps=0.1,0.3",

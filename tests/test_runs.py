@@ -73,6 +73,7 @@ def test_one_writer_per_output_folder_and_a_dead_writer_blocks_nothing(data_dir,
     assert not (out / advtrain.LOCK).exists()  # a run that ends takes its lock file with it
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["holdout", "kfold"])
 def test_resume_gives_the_result_of_an_uninterrupted_run(split, data_dir, model_dirs, tmp_path, monkeypatch):
     settings = dict(epochs=2, method="fgm", adv_start="0.5", dropout=0.1, split=split, n_folds=2, eval_every=0.5)

@@ -14,6 +14,7 @@ def settings(data_dir, model_dir, **kw):
                 valid_size=100, device="cpu", progress=False, save_model=False, eval_every=0.5, adv_start="1", **kw)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method,extra", [("fgm", {}), ("awp", {"awp_lr": 0.01}), ("sift", {})])
 def test_a_forked_run_records_the_evaluations_of_a_run_from_scratch(data_dir, model_dirs, tmp_path, method, extra):
     base = settings(data_dir, model_dirs["bert"])

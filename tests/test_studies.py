@@ -49,6 +49,7 @@ def test_a_blend_study_pairs_the_two_kinds_seed_by_seed(tmp_path, monkeypatch):
     mean, lo, hi = studies.advtrain.paired_interval(gains)
     assert f"| mix blend vs seeds blend | 3 | {mean:+.4f} | {lo:+.4f} to {hi:+.4f} | 2 of 3 |" in table
     assert "| mix blend vs mix member 1 | 3 | +0.0533 |" in table  # 0.05, 0.07, 0.04
+    assert "Intervals are Student-t over pairs alone" in table  # no member left its oof.csv: said so
 
 
 def test_scrub_rewrites_a_records_machine_paths_as_the_command_prints_them(tmp_path, monkeypatch):

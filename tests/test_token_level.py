@@ -71,6 +71,7 @@ def train_fp16(nbme, make_attack, steps=20, masked=True):
     return skipped, attack
 
 
+@pytest.mark.slow
 def test_sift_on_per_token_logits_under_fp16_skips_no_more_steps_than_no_attack(nbme):
     plain, _ = train_fp16(nbme, advtrain.Baseline)
     sift, attack = train_fp16(nbme, lambda net: advtrain.SiFT(net, divergence="binary-symmetric-kl"))

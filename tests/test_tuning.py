@@ -91,6 +91,7 @@ def test_llrd_and_ema_train_with_every_method(method, data_dir, model_dirs, tmp_
     assert metrics["attack_seen"] == (method != "baseline") and 0 <= metrics["score"]["value"] <= 1
 
 
+@pytest.mark.slow
 def test_a_resumed_run_with_ema_and_llrd_equals_an_uninterrupted_one(data_dir, model_dirs, tmp_path, monkeypatch):
     settings = dict(epochs=2, method="fgm", adv_start="0.5", eval_every=0.5, llrd=0.7, ema=0.95)
     whole = advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "whole", **settings))
@@ -107,6 +108,7 @@ def test_a_resumed_run_with_ema_and_llrd_equals_an_uninterrupted_one(data_dir, m
                                   pd.read_csv(tmp_path / "whole" / "test_probs.csv"))
 
 
+@pytest.mark.slow
 def test_a_forked_run_with_ema_and_llrd_equals_one_from_scratch(data_dir, model_dirs, tmp_path):
     base = dict(model=str(model_dirs["bert"]), data_dir=str(data_dir), epochs=2, batch_size=16, lr=2e-3,
                 holdout_size=100, valid_size=100, device="cpu", progress=False, save_model=False, eval_every=0.5,

@@ -303,12 +303,16 @@ def blend_table(name: str) -> str:
                                                                                       (a_key, b_key))])
         s = advtrain.summarize(runs, second).set_index("method").loc[first]  # paired by pair, as runs by seed
         lo, hi = s["gain_lo"], s["gain_hi"]
-        shared = advtrain.row_interval([(blend_rows(a, fa, a_key), blend_rows(b, fb, b_key)) for (a, b), (fa, fb)
-                                        in zip(both, members)]) if len(both) > 1 else None
+        try:
+            shared = advtrain.row_interval([(blend_rows(a, fa, a_key), blend_rows(b, fb, b_key)) for (a, b), (fa, fb)
+                                            in zip(both, members)]) if len(both) > 1 else None
+            covers.append("seeds and rows (paired bootstrap)" if shared is not None else
+                          "seeds and rows (each seed scores rows of its own)")
+        except advtrain.UserError:  # a member without its oof.csv: the pairs' interval alone, and said so
+            shared = None
+            covers.append("seeds")
         if shared is not None:
             lo, hi = sorted(x if higher else -x for x in shared)
-        covers.append("seeds and rows (paired bootstrap)" if shared is not None else
-                      "seeds and rows (each seed scores rows of its own)")
         ci = "n/a" if len(both) < 2 else f"{lo:+.4f} to {hi:+.4f}"
         rows.append([f"{first} vs {second}", len(both), f"{s['gain']:+.4f}", ci, f"{int(s['better'])} of {len(both)}"])
     lines += advtrain.markdown_table(["comparison", "pairs", "mean gain", "95% CI", "better in"], rows)

@@ -4824,18 +4824,19 @@ def record_promotions(root: Path, search: Search, promoted, confirm_items, best:
     --promote, or a screen that changed) is refused: the number promoted, and so the width of the
     intervals, cannot be chosen after seeing the fresh seeds."""
     path, labels = root / "search.json", [_label(v[0], dict(v[1:])) for v in promoted]
-    labels += [f"reference: {_label('baseline', best)}"] if best is not None else []
+    reference = _label("baseline", best) if best is not None else None
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError):
         recorded = None
-    if isinstance(recorded, dict) and (recorded.get("promote"), recorded.get("promoted")) != (search.promote, labels) \
-            and any(Path(i.cfg.output_dir).exists() for i in confirm_items):
+    if isinstance(recorded, dict) and any(Path(i.cfg.output_dir).exists() for i in confirm_items) and (
+            recorded.get("promote"), recorded.get("promoted"), recorded.get("reference")) != (search.promote, labels,
+                                                                                             reference):
         raise UserError(f"{path}: this search promoted {', '.join(recorded.get('promoted') or []) or 'nothing'} with "
                         f"--promote {recorded.get('promote')}, and its confirmation runs exist: keep --promote "
                         f"{recorded.get('promote')} (and the screen), or search again in another --output-dir.")
-    write_json(path, {"promote": search.promote, "promoted": labels, "screen_seeds": search.screen_seeds,
-                      "confirm_seeds": search.confirm_seeds})
+    write_json(path, {"promote": search.promote, "promoted": labels, "reference": reference,
+                      "screen_seeds": search.screen_seeds, "confirm_seeds": search.confirm_seeds})
 
 
 def promote(screened: pd.DataFrame, k: int, keys=()) -> list[tuple]:

@@ -8,8 +8,9 @@ target or several) and writes the submission in the sample submission's own colu
 
 The file reads top to bottom in the order data flows: config -> data and the task (what differs
 between competitions) -> model -> attacks -> training loop with prediction (and the
-transformers.Trainer subclass) -> submission -> a whole run -> prediction from saved runs (code
-competitions) -> comparison across seeds -> offline demo -> CLI. The speed benchmark is
+transformers.Trainer subclass) -> submission -> run records (digests, reuse, the fork, the checked
+readers) -> a whole run -> prediction from saved runs (code competitions) -> blend -> comparison across
+seeds (arms, search, intervals over seeds and rows) -> offline demo -> CLI. The speed benchmark is
 tools/bench.py; reference scores (constant, TF-IDF) are tools/reference_scores.py.
 """
 from __future__ import annotations

@@ -81,3 +81,27 @@ def test_no_committed_run_record_names_a_path_of_the_machine_that_made_it():
     found = [f"{p.relative_to(ROOT)}: {m.group().strip()}" for p in records
              if (m := absolute.search(p.read_text()))]
     assert not found, f"machine paths in run records (python tools/studies.py run scrubs them): {found[:5]}"
+
+
+@pytest.mark.slow
+def test_a_blend_study_on_one_holdout_resamples_its_rows(tmp_path, monkeypatch, data_dir, model_dirs):
+    from conftest import base_config
+
+    monkeypatch.setattr(studies, "RUNS", tmp_path)
+    for seed in (1, 2, 3, 4):  # one split for every run: the blends' holdouts are the same rows
+        studies.advtrain.run(base_config(data_dir, model_dirs["bert"], tmp_path / "train" / f"s{seed}", epochs=1,
+                                         eval_every=1.0, seed=seed, split_seed=5, metric="logloss"))
+    pairs = {"mix": [["s1", "s2"], ["s3", "s4"]], "swap": [["s2", "s1"], ["s4", "s3"]]}
+    monkeypatch.setitem(studies.BLENDS, "toy", ("train", pairs, [("mix", "equal", "mix", 0)], "A toy study."))
+    studies.run_blends("toy")
+    table = studies.blend_table("toy")  # each blend rebuilt from its members and checked against blend.json
+    assert studies.advtrain.COVERS["seeds and rows (paired bootstrap)"].replace("seed", "pair") in table
+    folders = studies.blend_folders("toy")["mix"]
+    infos = [json.loads((out / "blend.json").read_text()) for out, _ in folders]
+    expected = studies.advtrain.row_interval([(studies.blend_rows(i, f, "equal"), studies.blend_rows(i, f, 0))
+                                              for i, (_, f) in zip(infos, folders)])
+    lo, hi = sorted(-x for x in expected)  # log loss: lower is better
+    assert f"| {lo:+.4f} to {hi:+.4f} |" in table
+    info = dict(infos[0], scores=dict(infos[0]["scores"], equal=infos[0]["scores"]["equal"] + 0.01))
+    with pytest.raises(SystemExit, match="rebuilt from its members, not the"):
+        studies.blend_rows(info, folders[0][1], "equal")

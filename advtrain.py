@@ -73,6 +73,15 @@ def _opt(default, help, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
+    """Whether text (a setting given as a string) is a finite number within [minimum, maximum]."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(value) and minimum <= value <= maximum
+
+
 @dataclass
 class Config:
     """Every setting of a run. Each field is a CLI flag of the same name (`batch_size` -> `--batch-size`).
@@ -540,15 +549,6 @@ def whole_numbers_as_ints(df: pd.DataFrame, cols, where: str) -> pd.DataFrame:
             df = df.assign(**{col: values.str.replace(r"\.0*$", "", regex=True)})
             log.info(f"{where}: {col} holds whole numbers written as decimals (1.0): read as integers (1)")
     return df
-
-
-def _is_number(text, minimum=-math.inf, maximum=math.inf) -> bool:
-    """Whether text (a setting given as a string) is a finite number within [minimum, maximum]."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        return False
-    return math.isfinite(value) and minimum <= value <= maximum
 
 
 def _auto_kind(values: pd.DataFrame, numeric: bool, ints: bool, binary01: bool, where: str) -> str:
@@ -2259,17 +2259,22 @@ class WeightAverage:
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        live = model.state_dict()  # the model's own tensors: loading a state copies into them, so they stay live
+        self.average = {k: v.detach().clone() for k, v in live.items()}
+        self.pairs = {kind: ([self.average[k] for k, v in live.items() if v.dtype.is_floating_point == kind],
+                             [v.detach() for v in live.values() if v.dtype.is_floating_point == kind])
+                      for kind in (True, False)}
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step of the average (model: the one it was built on), in two fused calls on the device."""
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.average[k].mul_(d).add_(v.detach(), alpha=1 - d)
-            else:
-                self.average[k].copy_(v)
+        averaged, trained = self.pairs[True]
+        if averaged:
+            torch._foreach_lerp_(averaged, trained, 1 - d)  # avg + (1 - d) * (w - avg) = d * avg + (1 - d) * w
+        for a, v in zip(*self.pairs[False]):
+            a.copy_(v)
 
     @contextlib.contextmanager
     def applied(self, model: nn.Module):

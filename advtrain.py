@@ -1258,8 +1258,7 @@ class Baseline:
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
 
 class FGM:
@@ -1297,22 +1296,20 @@ class FGM:
         """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
         size reverse the attack) or a count of steps that is not a whole number >= 1."""
         import numbers
-        for name, value in sizes.items():
-            whole = name == "steps"
-            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
-                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
-            if not ok:
-                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
-                                 f"got {value!r}")
+        for name, v in sizes.items():
+            kind, low, rule = (numbers.Integral, 1, "a whole number >= 1") if name == "steps" else \
+                (numbers.Real, 0, "a finite number >= 0")
+            if isinstance(v, bool) or not isinstance(v, kind) or not low <= v < float("inf"):
+                raise ValueError(f"{who}: {name} must be {rule}, got {v!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
         """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
         that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
         inner = getattr(model, "module", model)
-        if callable(getattr(inner, "get_input_embeddings", None)):
+        found = [m for m in inner.modules() if callable(getattr(m, "get_input_embeddings", None))]
+        if found[:1] == [inner]:
             return inner
-        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
         outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
         if len(outer) != 1:
             raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
@@ -1321,28 +1318,24 @@ class FGM:
                              "embedding to perturb")
         return outer[0]
 
-    def _no_sync(self):
-        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+    def _no_sync(self):  # under DDP, a pass whose gradients are not all-reduced yet (the step's last pass syncs)
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
     def _count_skip(self, ok):
         """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
         Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
-        self.skipped = self.skipped.to(ok.device) + (~ok)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self.skipped, self._calls = self.skipped.to(ok.device) + (~ok), getattr(self, "_calls", 0) + 1
         if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
                 and bool(self.skipped > 0):
             import warnings
             self._warned = True
             warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
-                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
-                          stacklevel=3)
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning, 3)
 
     @staticmethod
     def _norm(x):
@@ -1416,22 +1409,20 @@ class PGD:
         """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
         size reverse the attack) or a count of steps that is not a whole number >= 1."""
         import numbers
-        for name, value in sizes.items():
-            whole = name == "steps"
-            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
-                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
-            if not ok:
-                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
-                                 f"got {value!r}")
+        for name, v in sizes.items():
+            kind, low, rule = (numbers.Integral, 1, "a whole number >= 1") if name == "steps" else \
+                (numbers.Real, 0, "a finite number >= 0")
+            if isinstance(v, bool) or not isinstance(v, kind) or not low <= v < float("inf"):
+                raise ValueError(f"{who}: {name} must be {rule}, got {v!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
         """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
         that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
         inner = getattr(model, "module", model)
-        if callable(getattr(inner, "get_input_embeddings", None)):
+        found = [m for m in inner.modules() if callable(getattr(m, "get_input_embeddings", None))]
+        if found[:1] == [inner]:
             return inner
-        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
         outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
         if len(outer) != 1:
             raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
@@ -1452,28 +1443,24 @@ class PGD:
                                    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': "
                                    "False}), or turn checkpointing off")
 
-    def _no_sync(self):
-        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+    def _no_sync(self):  # under DDP, a pass whose gradients are not all-reduced yet (the step's last pass syncs)
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
     def _count_skip(self, ok):
         """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
         Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
-        self.skipped = self.skipped.to(ok.device) + (~ok)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self.skipped, self._calls = self.skipped.to(ok.device) + (~ok), getattr(self, "_calls", 0) + 1
         if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
                 and bool(self.skipped > 0):
             import warnings
             self._warned = True
             warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
-                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
-                          stacklevel=3)
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning, 3)
 
     @staticmethod
     def _norm(x):
@@ -1558,22 +1545,20 @@ class FreeLB:
         """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
         size reverse the attack) or a count of steps that is not a whole number >= 1."""
         import numbers
-        for name, value in sizes.items():
-            whole = name == "steps"
-            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
-                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
-            if not ok:
-                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
-                                 f"got {value!r}")
+        for name, v in sizes.items():
+            kind, low, rule = (numbers.Integral, 1, "a whole number >= 1") if name == "steps" else \
+                (numbers.Real, 0, "a finite number >= 0")
+            if isinstance(v, bool) or not isinstance(v, kind) or not low <= v < float("inf"):
+                raise ValueError(f"{who}: {name} must be {rule}, got {v!r}")
 
     @staticmethod
     def _embedding_owner(model, who):
         """The module whose get_input_embeddings() is perturbed: the model itself, else the one submodule
         that has that method (a notebook's wrapper around AutoModel, kept as self.model or self.transformer)."""
         inner = getattr(model, "module", model)
-        if callable(getattr(inner, "get_input_embeddings", None)):
+        found = [m for m in inner.modules() if callable(getattr(m, "get_input_embeddings", None))]
+        if found[:1] == [inner]:
             return inner
-        found = [m for m in inner.modules() if m is not inner and callable(getattr(m, "get_input_embeddings", None))]
         outer = [m for m in found if not any(o is not m and any(x is m for x in o.modules()) for o in found)]
         if len(outer) != 1:
             raise ValueError(f"{who} perturbs the output of get_input_embeddings(): neither {type(inner).__name__} "
@@ -1582,28 +1567,24 @@ class FreeLB:
                              "embedding to perturb")
         return outer[0]
 
-    def _no_sync(self):
-        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+    def _no_sync(self):  # under DDP, a pass whose gradients are not all-reduced yet (the step's last pass syncs)
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
     def _count_skip(self, ok):
         """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
         Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
-        self.skipped = self.skipped.to(ok.device) + (~ok)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self.skipped, self._calls = self.skipped.to(ok.device) + (~ok), getattr(self, "_calls", 0) + 1
         if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
                 and bool(self.skipped > 0):
             import warnings
             self._warned = True
             warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
-                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
-                          stacklevel=3)
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning, 3)
 
     @staticmethod
     def _norm(x):
@@ -1698,36 +1679,30 @@ class AWP:
         """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
         size reverse the attack) or a count of steps that is not a whole number >= 1."""
         import numbers
-        for name, value in sizes.items():
-            whole = name == "steps"
-            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
-                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
-            if not ok:
-                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
-                                 f"got {value!r}")
+        for name, v in sizes.items():
+            kind, low, rule = (numbers.Integral, 1, "a whole number >= 1") if name == "steps" else \
+                (numbers.Real, 0, "a finite number >= 0")
+            if isinstance(v, bool) or not isinstance(v, kind) or not low <= v < float("inf"):
+                raise ValueError(f"{who}: {name} must be {rule}, got {v!r}")
 
-    def _no_sync(self):
-        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+    def _no_sync(self):  # under DDP, a pass whose gradients are not all-reduced yet (the step's last pass syncs)
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
     def _count_skip(self, ok):
         """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
         Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
-        self.skipped = self.skipped.to(ok.device) + (~ok)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self.skipped, self._calls = self.skipped.to(ok.device) + (~ok), getattr(self, "_calls", 0) + 1
         if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
                 and bool(self.skipped > 0):
             import warnings
             self._warned = True
             warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
-                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
-                          stacklevel=3)
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning, 3)
 
     @torch.no_grad()
     def _perturb(self, params, grads, backup):
@@ -1851,36 +1826,30 @@ class SiFT:
         """Refuse, naming it, a size that is not a finite number >= 0 (NaN would leave NaN in .grad, a negative
         size reverse the attack) or a count of steps that is not a whole number >= 1."""
         import numbers
-        for name, value in sizes.items():
-            whole = name == "steps"
-            ok = isinstance(value, numbers.Integral if whole else numbers.Real) and not isinstance(value, bool) and \
-                value == value and abs(value) != float("inf") and value >= (1 if whole else 0)
-            if not ok:
-                raise ValueError(f"{who}: {name} must be {'a whole number >= 1' if whole else 'a finite number >= 0'}, "
-                                 f"got {value!r}")
+        for name, v in sizes.items():
+            kind, low, rule = (numbers.Integral, 1, "a whole number >= 1") if name == "steps" else \
+                (numbers.Real, 0, "a finite number >= 0")
+            if isinstance(v, bool) or not isinstance(v, kind) or not low <= v < float("inf"):
+                raise ValueError(f"{who}: {name} must be {rule}, got {v!r}")
 
-    def _no_sync(self):
-        """Under DDP, a pass whose gradients must not be all-reduced yet (the last pass of the step syncs)."""
+    def _no_sync(self):  # under DDP, a pass whose gradients are not all-reduced yet (the step's last pass syncs)
         return self._ddp.no_sync() if self._ddp is not None else contextlib.nullcontext()
 
     @staticmethod
     def _scaled(loss, scaler, accumulation_steps):
         """The loss as backward wants it: averaged over the accumulation group, times the fp16 loss scale."""
-        loss = loss / accumulation_steps
-        return scaler.scale(loss) if scaler is not None else loss
+        return scaler.scale(loss / accumulation_steps) if scaler is not None else loss / accumulation_steps
 
     def _count_skip(self, ok):
         """Count a call whose direction was not finite (run unperturbed), and say so once through warnings.
         Read on the host every call on a CPU, every 32nd call on a GPU (no sync per step)."""
-        self.skipped = self.skipped.to(ok.device) + (~ok)
-        self._calls = getattr(self, "_calls", 0) + 1
+        self.skipped, self._calls = self.skipped.to(ok.device) + (~ok), getattr(self, "_calls", 0) + 1
         if not getattr(self, "_warned", False) and (ok.device.type == "cpu" or self._calls % 32 == 0) \
                 and bool(self.skipped > 0):
             import warnings
             self._warned = True
             warnings.warn(f"{type(self).__name__}: {int(self.skipped)} call(s) had a non-finite gradient (an fp16 "
-                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning,
-                          stacklevel=3)
+                          "overflow?) and ran without perturbation; `.skipped` counts them", RuntimeWarning, 3)
 
     @staticmethod
     def _refuse_reentrant_checkpointing(model, who):

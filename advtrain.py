@@ -4213,7 +4213,8 @@ def with_changed_labels(root: Path, results: pd.DataFrame, reference: str, keys=
         return sub.set_index(sub.columns[0])
 
     tables = {run: labels(run) for run in results["run"]}
-    changed = [float((tables[run] != tables[ref].loc[tables[run].index]).any(axis=1).mean()) if ref else np.nan
+    changed = [float((tables[run] != tables[ref].loc[tables[run].index]).any(axis=1).mean()) if isinstance(ref, str)
+               else np.nan
                for run, ref in zip(results["run"], results["paired"] if "paired" in results else
                                    reference_runs(results, reference, keys))]
     return results.assign(labels_changed=changed)

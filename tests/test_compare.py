@@ -1,4 +1,5 @@
 """Method comparison across seeds: runs, table, intervals, plots, resumption, ensemble."""
+import dataclasses
 import shutil
 import struct
 
@@ -227,3 +228,17 @@ def test_compare_grid_trains_the_baseline_once_per_seed_and_resumes_without_trai
     ran.clear()
     assert advtrain.main(args + ["--resume"]) == 0
     assert ran == []
+
+
+def test_changed_labels_of_a_run_without_its_pair_is_nan(tmp_path, monkeypatch):
+    """A search cut by --budget leaves attacked runs whose paired baseline has not run (paired NaN, as runs.csv
+    reads it back): their share of changed labels is NaN, not a KeyError."""
+    monkeypatch.setattr(advtrain, "read_run_record",
+                        lambda folder: {"task": dataclasses.asdict(advtrain.DISASTER_TWEETS)})
+    for run, labels in (("base", [0, 1, 1, 0]), ("fgm1", [0, 1, 0, 0]), ("fgm2", [1, 1, 1, 0])):
+        (tmp_path / run).mkdir()
+        pd.DataFrame({"id": [1, 2, 3, 4], "target": labels}).to_csv(tmp_path / run / "submission.csv", index=False)
+    results = pd.DataFrame({"run": ["base", "fgm1", "fgm2"], "method": ["baseline", "fgm", "fgm"],
+                            "paired": [np.nan, "base", np.nan]})
+    changed = advtrain.with_changed_labels(tmp_path, results, "baseline")["labels_changed"].tolist()
+    assert np.isnan(changed[0]) and changed[1] == 0.25 and np.isnan(changed[2])

@@ -108,10 +108,10 @@ table
 
 
 PRESETS = {  # each notebook's starting point (README, "Config"): a measured gain where one was confirmed
-    "fgm": 'preset="overfit",  # FGM 0.2 from epoch 1: -0.031 log loss on 8 fresh seeds where an untuned baseline '
-           'overfits; against a tuned baseline not measured yet (RESULTS.md)',
+    "fgm": 'preset="overfit",  # FGM 0.2 from epoch 1: -0.020 log loss against a tuned baseline on 8 fresh seeds '
+           '(spooky; other competitions not measured yet, RESULTS.md)',
     "sift": 'preset="overfit",  # SiFT lambda 3 from epoch 1: -0.021 log loss on 8 fresh seeds where an untuned '
-            'baseline overfits; against a tuned baseline not measured yet (RESULTS.md)',
+            'baseline overfits; against a tuned baseline not proven (RESULTS.md)',
 }
 RECIPE = ('preset="recipe",  # evaluation 4x an epoch, attack from the end of warm-up, embedding-relative sizes '
           '(README)')

@@ -154,16 +154,19 @@ def test_seeds_outside_numpys_range_are_one_sentence(capsys):
 
 
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "advtrain.py"), "train", "--output-dir", str(tmp_path)],
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
-    while maps.exists() and time.monotonic() < deadline:  # the signal once torch's library is being loaded, however
-        with contextlib.suppress(OSError):  # long the interpreter took to start on a loaded machine
-            if "libtorch" in maps.read_text():
-                break
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    for _ in range(3):  # a try whose signal came only after the program had ended (a missed window) is run again
+        proc = subprocess.Popen([sys.executable, str(ROOT / "advtrain.py"), "train", "--output-dir", str(tmp_path)],
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
+        while maps.exists() and time.monotonic() < deadline:  # the signal once torch's library is being loaded,
+            with contextlib.suppress(OSError):  # however long the interpreter took to start on a loaded machine
+                if "libtorch" in maps.read_text():
+                    break
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        if not (proc.returncode == 2 and "No train.csv" in err):
+            break
     assert proc.returncode == 130 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 

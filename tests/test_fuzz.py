@@ -156,7 +156,8 @@ def test_seeds_outside_numpys_range_are_one_sentence(capsys):
 def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
     for _ in range(3):  # a try whose signal came only after the program had ended (a missed window) is run again
         proc = subprocess.Popen([sys.executable, str(ROOT / "advtrain.py"), "train", "--output-dir", str(tmp_path)],
-                                stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                                stderr=subprocess.PIPE, text=True, cwd=tmp_path,  # SIGINT as a terminal sends it,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even if ignored here
         maps, deadline = Path(f"/proc/{proc.pid}/maps"), time.monotonic() + 60
         while maps.exists() and time.monotonic() < deadline:  # the signal once torch's library is being loaded,
             with contextlib.suppress(OSError):  # however long the interpreter took to start on a loaded machine
